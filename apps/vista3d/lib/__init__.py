@@ -1,0 +1,1 @@
+"""Server-side library of the VISTA3D MONAI Label app."""

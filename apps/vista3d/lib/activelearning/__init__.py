@@ -1,0 +1,1 @@
+"""Active-learning strategies live here; see the continual-learning issue."""

@@ -1,0 +1,165 @@
+"""Model-space inference: class-prompted sliding window and click-prompted windows with cached features.
+
+Inputs and outputs here are on the preprocessed (model) grid; :mod:`.interactive` and the infer
+task map them to and from the original image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets.vista3d import VISTA3D
+
+from .model import LoadedModel
+from .sessions import ImageState
+
+__all__ = ["Engine", "WindowLogits", "pad_to_patch"]
+
+logger = logging.getLogger(__name__)
+
+# Logits are stitched in float16 to halve the memory of "everything" (127 channels per voxel);
+# clamping keeps sums of overlapping windows finite. Signs, hence labels, are unaffected.
+_LOGIT_CLAMP = 100.0
+
+Box3 = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def pad_to_patch(image: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """Pad [1, h, w, d] at the far end of each axis up to ``patch``: voxel indices (and the affine) stay valid."""
+    pad: list[int] = []
+    for size, p in reversed(list(zip(image.shape[1:], patch, strict=False))):
+        pad.extend([0, max(p - size, 0)])
+    return F.pad(image, pad) if any(pad) else image
+
+
+def window_start(point: np.ndarray, size: Sequence[int], patch: Sequence[int]) -> tuple[int, int, int]:
+    """Start of the window centred on ``point``, shifted to lie inside the volume (as MONAI's point inferer)."""
+    return tuple(int(np.clip(round(float(c)) - p // 2, 0, s - p)) for c, s, p in zip(point, size, patch, strict=False))  # type: ignore[return-value]
+
+
+class WindowLogits:
+    """Point-head logits stitched over the windows of one request.
+
+    Attributes:
+        box: (start, stop) per axis of the model grid that the windows cover.
+        logits: [h, w, d] mean logits over the box (NaN where no window was computed).
+    """
+
+    def __init__(self, box: Box3, logits: torch.Tensor) -> None:
+        self.box = box
+        self.logits = logits
+
+    @property
+    def computed(self) -> torch.Tensor:
+        return ~torch.isnan(self.logits)
+
+    @property
+    def foreground(self) -> torch.Tensor:
+        return torch.nan_to_num(self.logits, nan=-1.0) > 0
+
+
+class Engine:
+    """Runs the served network. Thread-safe: the network is only read; per-image state has its own lock."""
+
+    def __init__(
+        self, model: LoadedModel, patch: tuple[int, int, int], overlap: float, special: frozenset[int]
+    ) -> None:
+        self.model = model
+        self.patch = patch
+        self.overlap = overlap
+        self.special = special
+
+    @property
+    def network(self) -> VISTA3D:
+        return self.model.network
+
+    @property
+    def weights_version(self) -> str:
+        return self.model.version
+
+    @torch.inference_mode()
+    def auto(self, image: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
+        """[1, h, w, d] preprocessed image -> [h, w, d] int16 global ids (0 where no class is positive)."""
+        device = self.model.device
+        class_vector = torch.tensor(list(class_ids), device=device).unsqueeze(1)
+
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            logits = self.network(window.float(), class_vector=class_vector, transpose=True)
+            return logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP).half()
+
+        inferer = SlidingWindowInferer(roi_size=self.patch, overlap=self.overlap, sw_batch_size=1, mode="constant")
+        logits = inferer(image.unsqueeze(0).to(device).half(), predictor)[0]
+        best, arg = logits.max(0)
+        ids = torch.tensor(list(class_ids), dtype=torch.int16, device=arg.device)[arg]
+        ids[best <= 0] = 0
+        return ids.cpu()
+
+    def _features(self, state: ImageState, start: tuple[int, int, int]) -> torch.Tensor:
+        """Encoder output of the point branch for the window at ``start`` (cached per image)."""
+        cache = state.features_for(self.weights_version)
+        feats = cache.get(start)
+        if feats is not None:
+            cache.move_to_end(start)
+            return feats
+        sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=False))
+        window = state.image[(slice(None), *sl)].unsqueeze(0).to(self.model.device)
+        feats, _ = self.network.image_encoder(window, with_point=True, with_label=False)
+        cache[start] = feats
+        return feats
+
+    def model_point_labels(self, positive: np.ndarray, class_id: int) -> torch.Tensor:
+        """0/1 clicks -> the point head's labels (2/3 for the special classes)."""
+        labels = torch.as_tensor(np.asarray(positive, dtype=np.int64))
+        return labels + 2 if class_id in self.special else labels
+
+    @torch.inference_mode()
+    def points(
+        self,
+        state: ImageState,
+        points: np.ndarray,
+        positive: np.ndarray,
+        class_id: int,
+        window_points: np.ndarray,
+    ) -> WindowLogits:
+        """Point-head logits around clicks.
+
+        Args:
+            state: the image's state; ``state.image`` is padded to at least one patch.
+            points: [N, 3] click coordinates on the model grid (all clicks of the object).
+            positive: [N] True for positive clicks.
+            class_id: global id; above 132 the head's zero-shot token is used.
+            window_points: [M] indices of the clicks whose windows are computed (the new ones).
+        """
+        size = tuple(state.image.shape[1:])
+        coords = np.round(points).astype(np.int64)
+        labels = self.model_point_labels(positive, class_id)
+        starts = list(dict.fromkeys(window_start(coords[i], size, self.patch) for i in window_points))
+        lo = np.min(starts, axis=0)
+        hi = np.max(starts, axis=0) + np.asarray(self.patch)
+        total = torch.zeros(tuple(hi - lo))
+        count = torch.zeros(tuple(hi - lo))
+        prompt_class = torch.tensor([[class_id]], device=self.model.device)
+        for start in starts:
+            local = coords - np.asarray(start)
+            inside = np.all((local >= 0) & (local < np.asarray(self.patch)), axis=1)
+            feats = self._features(state, start)
+            logits = (
+                self.network.point_head(
+                    feats,
+                    torch.as_tensor(local[inside], dtype=torch.float32, device=feats.device).unsqueeze(0),
+                    labels[inside].unsqueeze(0).to(feats.device),
+                    class_vector=prompt_class,
+                )[0, 0]
+                .float()
+                .cpu()
+            )
+            sl = tuple(slice(s - a, s - a + p) for s, a, p in zip(start, lo, self.patch, strict=False))
+            total[sl] += logits
+            count[sl] += 1
+        box = tuple((int(a), int(b)) for a, b in zip(lo, hi, strict=False))
+        return WindowLogits(box, total / count)  # type: ignore[arg-type]

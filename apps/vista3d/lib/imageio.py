@@ -1,0 +1,54 @@
+"""Loading CT volumes and previous labels, with errors a client can act on."""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage
+
+__all__ = ["ImageError", "load_image", "load_label", "to_tensor"]
+
+logger = logging.getLogger(__name__)
+
+
+class ImageError(ValueError):
+    """The image or label file cannot be used; the message says why."""
+
+
+def _load(path: str, what: str) -> MetaTensor:
+    try:
+        img = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    except Exception as e:  # readers raise many types for corrupt files; all mean "unreadable"
+        raise ImageError(f"{what} {path!r} cannot be read as a medical image: {type(e).__name__}: {e}") from e
+    if not isinstance(img, MetaTensor):
+        img = MetaTensor(img)
+    return img
+
+
+def load_image(path: str) -> MetaTensor:
+    """A 3D CT as a [1, H, W, D] float32 MetaTensor with its RAS affine."""
+    img = _load(path, "image")
+    spatial = tuple(img.shape[1:])
+    if img.shape[0] != 1 or len(spatial) != 3 or min(spatial) < 2:
+        raise ImageError(f"image {path!r} must be a single-channel 3D volume, got shape {tuple(img.shape)}")
+    return cast(MetaTensor, img.float())
+
+
+def load_label(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A saved label map on the image's grid, as int16 global ids."""
+    lab = _load(path, "label")
+    arr = lab[0].numpy() if lab.shape[0] == 1 else lab.numpy()
+    if tuple(arr.shape) != tuple(shape):
+        raise ImageError(f"label {path!r} has shape {list(arr.shape)}, the image has {list(shape)}")
+    if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255:
+        raise ImageError(f"label {path!r} must hold class ids 0..255")
+    return np.asarray(arr, dtype=np.int16)
+
+
+def to_tensor(arr: np.ndarray, affine: torch.Tensor) -> MetaTensor:
+    """A MetaTensor of ``arr`` (no channel axis, as MONAI Label's writer expects) on the grid of ``affine``."""
+    return MetaTensor(torch.as_tensor(arr), affine=affine)

@@ -1,0 +1,94 @@
+"""MONAI Label app serving VISTA3D: automatic, point-prompted and zero-shot CT segmentation.
+
+Start with ``monailabel start_server --app apps/vista3d --studies <folder or DICOMweb URL>``;
+``--conf`` keys are documented in :class:`lib.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import HTTPException
+from monailabel.config import settings as ml_settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from lib.datastore import SafeLocalDatastore
+from lib.engine import Engine
+from lib.infers.vista3d import Vista3DInfer
+from lib.labels import load_label_dictionary
+from lib.model import load_model, patch_size_for, resolve_device
+from lib.sessions import SessionStore
+from lib.settings import Settings
+from lib.zero_shot import ZeroShotRegistry
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "vista3d"
+
+
+class MyApp(MONAILabelApp):
+    """Registers the ``vista3d`` infer task on one shared network."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = Settings.from_conf(conf)
+        torch.set_num_threads(self.settings.threads)
+        self.model_dir = Path(app_dir) / "model"
+        self.dictionary = load_label_dictionary()
+        device = resolve_device(self.settings.device)
+        logger.info("VISTA3D app: %s (torch threads %d)", self.settings, torch.get_num_threads())
+        self.model = load_model(self.settings.preset, self.settings.weights, self.model_dir, device)
+        self.engine = Engine(
+            self.model,
+            patch=patch_size_for(self.settings.preset),
+            overlap=self.dictionary.sw_overlap,
+            special=self.dictionary.special,
+        )
+        self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
+        self.registry = ZeroShotRegistry(self._state_dir(studies) / "zero_shot_labels.json")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="VISTA3D",
+            description="VISTA3D for CT: 127 classes automatically, 3D clicks, zero-shot structures",
+            version="0.1.0",
+        )
+
+    def _state_dir(self, studies: str) -> Path:
+        """Where the app keeps what belongs to a team's datastore (zero-shot label names)."""
+        if studies.startswith(("http://", "https://")):
+            return self.model_dir
+        return Path(studies) / ".vista3d"
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return SafeLocalDatastore(
+            self.studies,
+            extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {MODEL_NAME: Vista3DInfer(self.engine, self.dictionary, self.registry, self.sessions_store)}
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Answer unknown models and images with 404 instead of MONAI Label's 500."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(
+                status_code=404, detail=f"unknown model {model!r}; this server has {sorted(self._infers)}"
+            )
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            store = datastore or self.datastore()
+            if not store.get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"unknown image id {image!r}")
+        return super().infer(request, datastore)

@@ -1,0 +1,64 @@
+"""Small helpers shared by the tests: reading results, ground-truth centres, raw OHIF-style requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import requests
+from scipy import ndimage
+
+
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def deepest_voxel(mask: np.ndarray) -> list[int]:
+    """The voxel of ``mask`` farthest from its boundary: a click an annotator would make."""
+    dist = ndimage.distance_transform_edt(mask)
+    return [int(c) for c in np.unravel_index(np.argmax(dist), mask.shape)]
+
+
+def ohif_infer(url: str, model: str, image: str, params: dict[str, Any], timeout: float = 300) -> requests.Response:
+    """The request MONAI Label's OHIF panel sends: params as a JSON form field, the label back as NRRD."""
+    return requests.post(
+        f"{url}/infer/{model}",
+        params={"image": image, "output": "image"},
+        files={"params": (None, json.dumps(params))},
+        timeout=timeout,
+    )
+
+
+def read_nrrd(content: bytes) -> tuple[np.ndarray, dict]:
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as f:
+        f.write(content)
+        f.flush()
+        data, header = nrrd.read(f.name)
+    return data, header
+
+
+def infer_json(url: str, image: str, params: dict[str, Any], files: dict | None = None) -> requests.Response:
+    """An infer request answered with the result JSON only (fast checks of status and messages)."""
+    return requests.post(
+        f"{url}/infer/vista3d",
+        params={"image": image, "output": "json"},
+        files={"params": (None, json.dumps(params)), **(files or {})},
+        timeout=300,
+    )
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    img = nib.Nifti1Image(data, affine)
+    file_map = img.make_file_map({"image": buf, "header": buf})
+    img.to_file_map(file_map)
+    import gzip
+
+    return gzip.compress(buf.getvalue())

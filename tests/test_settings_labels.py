@@ -1,0 +1,47 @@
+"""Settings parsed once from --conf; the packaged label dictionary agrees with ../shared/data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib.labels import load_label_dictionary
+from lib.settings import Settings
+
+from .conftest import DATA
+
+
+def test_defaults() -> None:
+    s = Settings.from_conf({})
+    assert s.preset == "small" and s.weights == "starter" and s.device == "auto"
+    assert s.threads >= 1 and s.session_cache_mb == 4096
+
+
+def test_vista3d_preset_defaults_to_official_weights() -> None:
+    assert Settings.from_conf({"preset": "vista3d"}).weights == "official"
+    assert Settings.from_conf({"preset": "vista3d", "weights": "/x.pt"}).weights == "/x.pt"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [({"preset": "big"}, "preset must be one of"), ({"threads": "two"}, "must be an integer")],
+)
+def test_bad_conf(conf: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_conf(conf)
+
+
+def test_packaged_dictionary_matches_shared_copy() -> None:
+    packaged = load_label_dictionary()
+    shared = json.loads((DATA / "vista3d_labels.json").read_text())
+    assert {int(k): v.lower() for k, v in shared["classes"].items()} == packaged.classes
+    assert set(shared["special_point_classes"]) == packaged.special
+
+
+def test_served_labels_are_the_127_supported_classes() -> None:
+    labels = load_label_dictionary()
+    served = labels.served_labels()
+    assert len(served) == 127
+    assert not set(served.values()) & labels.unsupported
+    assert labels.expand_groups([2, 1, 5]) == [14, 5, 1]
