@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
-from monai.networks.nets.vista3d import VISTA3D
+from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
 from .model import LoadedModel
+from .point_head import HeadFeatures, predict, prepare
 from .sessions import ImageState
 
 __all__ = ["Engine", "WindowLogits", "pad_to_patch"]
@@ -32,14 +34,28 @@ Box3 = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 def pad_to_patch(image: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     """Pad [1, h, w, d] at the far end of each axis up to ``patch``: voxel indices (and the affine) stay valid."""
     pad: list[int] = []
-    for size, p in reversed(list(zip(image.shape[1:], patch, strict=False))):
+    for size, p in reversed(list(zip(image.shape[1:], patch, strict=True))):
         pad.extend([0, max(p - size, 0)])
     return F.pad(image, pad) if any(pad) else image
 
 
 def window_start(point: np.ndarray, size: Sequence[int], patch: Sequence[int]) -> tuple[int, int, int]:
     """Start of the window centred on ``point``, shifted to lie inside the volume (as MONAI's point inferer)."""
-    return tuple(int(np.clip(round(float(c)) - p // 2, 0, s - p)) for c, s, p in zip(point, size, patch, strict=False))  # type: ignore[return-value]
+    return tuple(int(np.clip(round(float(c)) - p // 2, 0, s - p)) for c, s, p in zip(point, size, patch, strict=True))  # type: ignore[return-value]
+
+
+def well_inside(point: np.ndarray, start: Sequence[int], size: Sequence[int], patch: Sequence[int]) -> bool:
+    """Whether ``point`` lies at least a sixth of a window from the borders of the window at ``start``.
+
+    Borders on the volume's edge do not count: no window could give more context there.
+    """
+    for c, s0, n, p in zip(point, start, size, patch, strict=True):
+        margin = p // 6
+        lo = s0 if s0 == 0 else s0 + margin
+        hi = s0 + p if s0 + p == n else s0 + p - margin
+        if not lo <= round(float(c)) < hi:
+            return False
+    return True
 
 
 class WindowLogits:
@@ -73,10 +89,15 @@ class Engine:
         self.patch = patch
         self.overlap = overlap
         self.special = special
+        self._pos: dict[str, torch.Tensor] = {}  # positional encoding of a window, per weights version
 
     @property
     def network(self) -> VISTA3D:
         return self.model.network
+
+    @property
+    def point_head(self) -> PointMappingSAM:
+        return cast(PointMappingSAM, self.network.point_head)
 
     @property
     def weights_version(self) -> str:
@@ -99,16 +120,33 @@ class Engine:
         ids[best <= 0] = 0
         return ids.cpu()
 
-    def _features(self, state: ImageState, start: tuple[int, int, int]) -> torch.Tensor:
-        """Encoder output of the point branch for the window at ``start`` (cached per image)."""
+    def _windows_for(self, state: ImageState, points: np.ndarray) -> list[tuple[int, int, int]]:
+        """Windows for clicks: one already chosen or cached that holds a click well inside, else one centred on it.
+
+        Reusing windows is what makes later clicks cheap: nearby clicks share one encoder pass.
+        """
+        size = tuple(state.image.shape[1:])
+        chosen: list[tuple[int, int, int]] = []
+        for point in points:
+            candidates = [*reversed(chosen), *reversed(state.features_for(self.weights_version))]
+            start = next((s for s in candidates if well_inside(point, s, size, self.patch)), None)
+            start = start or window_start(point, size, self.patch)
+            if start not in chosen:
+                chosen.append(start)
+        return chosen
+
+    def _features(self, state: ImageState, start: tuple[int, int, int]) -> HeadFeatures:
+        """Click-independent point-head features of the window at ``start`` (cached per image)."""
         cache = state.features_for(self.weights_version)
         feats = cache.get(start)
         if feats is not None:
             cache.move_to_end(start)
             return feats
-        sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=False))
+        sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
         window = state.image[(slice(None), *sl)].unsqueeze(0).to(self.model.device)
-        feats, _ = self.network.image_encoder(window, with_point=True, with_label=False)
+        encoded, _ = self.network.image_encoder(window, with_point=True, with_label=False)
+        feats = prepare(self.point_head, encoded, self._pos.get(self.weights_version))
+        self._pos = {self.weights_version: feats.pos}
         cache[start] = feats
         return feats
 
@@ -135,31 +173,26 @@ class Engine:
             class_id: global id; above 132 the head's zero-shot token is used.
             window_points: [M] indices of the clicks whose windows are computed (the new ones).
         """
-        size = tuple(state.image.shape[1:])
         coords = np.round(points).astype(np.int64)
         labels = self.model_point_labels(positive, class_id)
-        starts = list(dict.fromkeys(window_start(coords[i], size, self.patch) for i in window_points))
+        starts = self._windows_for(state, coords[window_points])
         lo = np.min(starts, axis=0)
         hi = np.max(starts, axis=0) + np.asarray(self.patch)
         total = torch.zeros(tuple(hi - lo))
         count = torch.zeros(tuple(hi - lo))
-        prompt_class = torch.tensor([[class_id]], device=self.model.device)
+        device = self.model.device
         for start in starts:
             local = coords - np.asarray(start)
             inside = np.all((local >= 0) & (local < np.asarray(self.patch)), axis=1)
-            feats = self._features(state, start)
-            logits = (
-                self.network.point_head(
-                    feats,
-                    torch.as_tensor(local[inside], dtype=torch.float32, device=feats.device).unsqueeze(0),
-                    labels[inside].unsqueeze(0).to(feats.device),
-                    class_vector=prompt_class,
-                )[0, 0]
-                .float()
-                .cpu()
-            )
-            sl = tuple(slice(s - a, s - a + p) for s, a, p in zip(start, lo, self.patch, strict=False))
+            logits = predict(
+                self.point_head,
+                self._features(state, start),
+                torch.as_tensor(local[inside], dtype=torch.float32, device=device).unsqueeze(0),
+                labels[inside].unsqueeze(0).to(device),
+                class_id,
+            )[0, 0].cpu()
+            sl = tuple(slice(s - a, s - a + p) for s, a, p in zip(start, lo, self.patch, strict=True))
             total[sl] += logits
             count[sl] += 1
-        box = tuple((int(a), int(b)) for a, b in zip(lo, hi, strict=False))
+        box = tuple((int(a), int(b)) for a, b in zip(lo, hi, strict=True))
         return WindowLogits(box, total / count)  # type: ignore[arg-type]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .point_head import HeadFeatures
+
 __all__ = ["ImageState", "SessionStore", "state_key"]
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class ImageState:
         original_shape: spatial shape of the original image.
         result: [H, W, D] int16 global ids on the original grid, or None before the first result.
         clicks: class id -> clicks (i, j, k, positive) already answered, to find the new ones.
-        features: window start -> cached encoder output for the point head (see :mod:`.engine`).
+        features: window start -> cached click-independent point-head features (see :mod:`.point_head`).
         weights_version: the served weights the features were computed with.
     """
 
@@ -56,18 +58,18 @@ class ImageState:
     original_shape: tuple[int, int, int]
     result: np.ndarray | None = None
     clicks: dict[int, set[tuple[int, int, int, bool]]] = field(default_factory=dict)
-    features: OrderedDict[tuple[int, int, int], torch.Tensor] = field(default_factory=OrderedDict)
+    features: OrderedDict[tuple[int, int, int], HeadFeatures] = field(default_factory=OrderedDict)
     weights_version: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def nbytes(self) -> int:
         n = self.image.element_size() * self.image.nelement()
-        n += sum(f.element_size() * f.nelement() for f in self.features.values())
+        n += sum(f.nbytes() for f in self.features.values())
         if self.result is not None:
             n += self.result.nbytes
         return n
 
-    def features_for(self, weights_version: str) -> OrderedDict[tuple[int, int, int], torch.Tensor]:
+    def features_for(self, weights_version: str) -> OrderedDict[tuple[int, int, int], HeadFeatures]:
         """The feature cache, emptied first when the served weights changed."""
         if self.weights_version != weights_version:
             if self.features:
@@ -119,7 +121,7 @@ class SessionStore:
                 try:
                     while total > self.budget_bytes and state.features:
                         _, f = state.features.popitem(last=False)
-                        total -= f.element_size() * f.nelement()
+                        total -= f.nbytes()
                 finally:
                     state.lock.release()
             while total > self.budget_bytes and len(self._states) > 1:

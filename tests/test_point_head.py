@@ -1,0 +1,56 @@
+"""The split point head (cached click-independent part + folded last convolution) equals MONAI's forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib.engine import Engine, well_inside
+from lib.labels import load_label_dictionary
+from lib.model import LoadedModel, build_network
+from lib.point_head import predict, prepare
+from lib.sessions import ImageState
+
+
+@pytest.mark.parametrize("preset", ["small", "vista3d"])
+@pytest.mark.parametrize(("class_id", "labels"), [(3, [1, 0]), (26, [3, 2]), (140, [1, 1])])
+def test_predict_matches_monai_forward(preset: str, class_id: int, labels: list[int]) -> None:
+    torch.manual_seed(0)
+    head = build_network(preset).point_head.eval()
+    channels = head.feat_downsample[0].in_channels
+    feats = torch.randn(1, channels, 32, 32, 32)
+    coords = torch.tensor([[[16.0, 16.0, 16.0], [3.0, 20.0, 30.0]]])
+    point_labels = torch.tensor([labels])
+    with torch.inference_mode():
+        reference = head(feats, coords, point_labels, class_vector=torch.tensor([[class_id]]))
+        mine = predict(head, prepare(head, feats), coords, point_labels, class_id)
+    # float32 rounding differs with the order of the folded sums; logits are O(1).
+    torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_well_inside_respects_margins_and_volume_edges() -> None:
+    size, patch = (200, 200, 100), (96, 96, 96)
+    assert well_inside(np.array([50, 50, 50]), (10, 10, 0), size, patch)
+    assert not well_inside(np.array([12, 50, 50]), (10, 10, 0), size, patch), "too close to an inner border"
+    assert well_inside(np.array([1, 50, 50]), (0, 10, 0), size, patch), "the volume edge is no border"
+    assert well_inside(np.array([50, 50, 99]), (10, 10, 4), size, patch), "the far volume edge neither"
+
+
+def test_nearby_clicks_share_a_window_far_clicks_do_not() -> None:
+    torch.manual_seed(0)
+    model = LoadedModel(build_network("small").eval(), "small", "test.pt", torch.device("cpu"))
+    engine = Engine(model, (96, 96, 96), 0.3, load_label_dictionary().special)
+    state = ImageState(
+        image=torch.rand(1, 200, 120, 96),
+        model_affine=np.eye(4),
+        original_affine=np.eye(4),
+        original_shape=(200, 120, 96),
+    )
+    points = np.array([[60.0, 60.0, 48.0], [70.0, 55.0, 40.0], [170.0, 60.0, 48.0]])
+    positive = np.array([True, True, True])
+    engine.points(state, points[:1], positive[:1], 3, np.array([0]))
+    engine.points(state, points[:2], positive[:2], 3, np.array([1]))
+    assert len(state.features) == 1, "the second click reused the first window"
+    engine.points(state, points, positive, 3, np.array([2]))
+    assert len(state.features) == 2
