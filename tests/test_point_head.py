@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.engine import Engine, well_inside
+from lib.engine import Engine, can_reuse
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, build_network
 from lib.point_head import predict, prepare
@@ -29,12 +29,13 @@ def test_predict_matches_monai_forward(preset: str, class_id: int, labels: list[
     torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_well_inside_respects_margins_and_volume_edges() -> None:
-    size, patch = (200, 200, 100), (96, 96, 96)
-    assert well_inside(np.array([50, 50, 50]), (10, 10, 0), size, patch)
-    assert not well_inside(np.array([12, 50, 50]), (10, 10, 0), size, patch), "too close to an inner border"
-    assert well_inside(np.array([1, 50, 50]), (0, 10, 0), size, patch), "the volume edge is no border"
-    assert well_inside(np.array([50, 50, 99]), (10, 10, 4), size, patch), "the far volume edge neither"
+def test_window_reuse_needs_containment_and_a_nearby_centred_window() -> None:
+    size, patch = (300, 300, 100), (96, 96, 96)
+    assert can_reuse(np.array([60, 60, 50]), (10, 10, 4), size, patch)
+    assert can_reuse(np.array([82, 60, 50]), (10, 10, 4), size, patch), "centred window 24 voxels away"
+    assert not can_reuse(np.array([95, 60, 50]), (10, 10, 4), size, patch), "centred window 37 voxels away"
+    assert not can_reuse(np.array([5, 60, 50]), (10, 10, 4), size, patch), "outside the window"
+    assert can_reuse(np.array([60, 60, 99]), (10, 10, 4), size, patch), "the volume edge clamps the centred window"
 
 
 def test_nearby_clicks_share_a_window_far_clicks_do_not() -> None:

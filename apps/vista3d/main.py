@@ -48,6 +48,7 @@ class MyApp(MONAILabelApp):
             patch=patch_size_for(self.settings.preset),
             overlap=self.dictionary.sw_overlap,
             special=self.dictionary.special,
+            precision=self.settings.precision,
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
         self.registry = ZeroShotRegistry(self._state_dir(studies) / "zero_shot_labels.json")

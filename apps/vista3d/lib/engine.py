@@ -20,9 +20,11 @@ from .model import LoadedModel
 from .point_head import HeadFeatures, predict, prepare
 from .sessions import ImageState
 
-__all__ = ["Engine", "WindowLogits", "pad_to_patch"]
+__all__ = ["PRECISIONS", "Engine", "WindowLogits", "pad_to_patch"]
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
 
 # Logits are stitched in float16 to halve the memory of "everything" (127 channels per voxel);
 # clamping keeps sums of overlapping windows finite. Signs, hence labels, are unaffected.
@@ -44,16 +46,15 @@ def window_start(point: np.ndarray, size: Sequence[int], patch: Sequence[int]) -
     return tuple(int(np.clip(round(float(c)) - p // 2, 0, s - p)) for c, s, p in zip(point, size, patch, strict=True))  # type: ignore[return-value]
 
 
-def well_inside(point: np.ndarray, start: Sequence[int], size: Sequence[int], patch: Sequence[int]) -> bool:
-    """Whether ``point`` lies at least a sixth of a window from the borders of the window at ``start``.
+def can_reuse(point: np.ndarray, start: Sequence[int], size: Sequence[int], patch: Sequence[int]) -> bool:
+    """Whether the window at ``start`` may answer a click at ``point`` instead of a window centred on it.
 
-    Borders on the volume's edge do not count: no window could give more context there.
+    It may when it contains the click and lies within a quarter window of the centred one (which
+    is clamped to the volume): the click then has nearly the context it would have had anyway.
     """
-    for c, s0, n, p in zip(point, start, size, patch, strict=True):
-        margin = p // 6
-        lo = s0 if s0 == 0 else s0 + margin
-        hi = s0 + p if s0 + p == n else s0 + p - margin
-        if not lo <= round(float(c)) < hi:
+    centred = window_start(point, size, patch)
+    for c, s0, s1, p in zip(point, start, centred, patch, strict=True):
+        if not s0 <= round(float(c)) < s0 + p or abs(s0 - s1) > p // 4:
             return False
     return True
 
@@ -80,15 +81,28 @@ class WindowLogits:
 
 
 class Engine:
-    """Runs the served network. Thread-safe: the network is only read; per-image state has its own lock."""
+    """Runs the served network. Thread-safe: the network is only read; per-image state has its own lock.
+
+    With ``precision="bf16"`` convolutions and matrix products run under bfloat16 autocast (softmax
+    and normalisation statistics stay float32): about 1.6x faster clicks and 2x faster encoder
+    passes on CPU, with masks that agree with float32 to Dice >= 0.99 (bench/click_latency.py).
+    """
 
     def __init__(
-        self, model: LoadedModel, patch: tuple[int, int, int], overlap: float, special: frozenset[int]
+        self,
+        model: LoadedModel,
+        patch: tuple[int, int, int],
+        overlap: float,
+        special: frozenset[int],
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model
         self.patch = patch
         self.overlap = overlap
         self.special = special
+        self.precision = precision
         self._pos: dict[str, torch.Tensor] = {}  # positional encoding of a window, per weights version
 
     @property
@@ -103,6 +117,9 @@ class Engine:
     def weights_version(self) -> str:
         return self.model.version
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     @torch.inference_mode()
     def auto(self, image: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
         """[1, h, w, d] preprocessed image -> [h, w, d] int16 global ids (0 where no class is positive)."""
@@ -110,8 +127,9 @@ class Engine:
         class_vector = torch.tensor(list(class_ids), device=device).unsqueeze(1)
 
         def predictor(window: torch.Tensor) -> torch.Tensor:
-            logits = self.network(window.float(), class_vector=class_vector, transpose=True)
-            return logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP).half()
+            with self._autocast():
+                logits = self.network(window.float(), class_vector=class_vector, transpose=True)
+            return logits.float().clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP).half()
 
         inferer = SlidingWindowInferer(roi_size=self.patch, overlap=self.overlap, sw_batch_size=1, mode="constant")
         logits = inferer(image.unsqueeze(0).to(device).half(), predictor)[0]
@@ -129,7 +147,7 @@ class Engine:
         chosen: list[tuple[int, int, int]] = []
         for point in points:
             candidates = [*reversed(chosen), *reversed(state.features_for(self.weights_version))]
-            start = next((s for s in candidates if well_inside(point, s, size, self.patch)), None)
+            start = next((s for s in candidates if can_reuse(point, s, size, self.patch)), None)
             start = start or window_start(point, size, self.patch)
             if start not in chosen:
                 chosen.append(start)
@@ -144,8 +162,9 @@ class Engine:
             return feats
         sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
         window = state.image[(slice(None), *sl)].unsqueeze(0).to(self.model.device)
-        encoded, _ = self.network.image_encoder(window, with_point=True, with_label=False)
-        feats = prepare(self.point_head, encoded, self._pos.get(self.weights_version))
+        with self._autocast():
+            encoded, _ = self.network.image_encoder(window, with_point=True, with_label=False)
+            feats = prepare(self.point_head, encoded, self._pos.get(self.weights_version))
         self._pos = {self.weights_version: feats.pos}
         cache[start] = feats
         return feats
@@ -184,13 +203,15 @@ class Engine:
         for start in starts:
             local = coords - np.asarray(start)
             inside = np.all((local >= 0) & (local < np.asarray(self.patch)), axis=1)
-            logits = predict(
-                self.point_head,
-                self._features(state, start),
-                torch.as_tensor(local[inside], dtype=torch.float32, device=device).unsqueeze(0),
-                labels[inside].unsqueeze(0).to(device),
-                class_id,
-            )[0, 0].cpu()
+            with self._autocast():
+                logits = predict(
+                    self.point_head,
+                    self._features(state, start),
+                    torch.as_tensor(local[inside], dtype=torch.float32, device=device).unsqueeze(0),
+                    labels[inside].unsqueeze(0).to(device),
+                    class_id,
+                )[0, 0]
+            logits = logits.float().cpu()
             sl = tuple(slice(s - a, s - a + p) for s, a, p in zip(start, lo, self.patch, strict=True))
             total[sl] += logits
             count[sl] += 1

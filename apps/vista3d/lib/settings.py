@@ -41,6 +41,8 @@ class Settings:
             initialisation (a loud warning).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         threads: torch intra-op threads; defaults to the cores this process may use.
+        precision: ``bf16`` runs convolutions and matrix products under bfloat16
+            autocast, ``fp32`` (default) runs everything in float32 (see :class:`.engine.Engine`).
         session_cache_mb: memory budget of the per-image session state (preprocessed image,
             previous result, cached encoder features); least recently used images are dropped.
     """
@@ -49,6 +51,7 @@ class Settings:
     weights: str = "starter"
     device: str = "auto"
     threads: int = field(default_factory=_available_cores)
+    precision: str = "fp32"
     session_cache_mb: int = 4096
 
     @classmethod
@@ -63,6 +66,10 @@ class Settings:
             if key == "preset":
                 if value not in PRESETS:
                     raise ValueError(f"--conf preset must be one of {PRESETS}, got {value!r}")
+                values[key] = value
+            elif key == "precision":
+                if value not in ("fp32", "bf16"):
+                    raise ValueError(f"--conf precision must be fp32 or bf16, got {value!r}")
                 values[key] = value
             elif key in ("threads", "session_cache_mb"):
                 values[key] = _parse_positive_int(key, value)

@@ -1,0 +1,242 @@
+"""Click latency of the app against MONAI's reference point inference, on real CT.
+
+For each case, a simulated annotator makes ``--clicks`` clicks (the first at the object's centre,
+then one at the centre of the largest error region of the current result) through
+
+* the reference: ``monai.apps.vista3d.inferer.point_based_window_inferer``, one window centred on
+  the newest click with the previous logits as ``prev_mask``, as the published bundle serves clicks;
+* the app's interactive path, in process (``lib.segment.segment_points``);
+* once, the app through the real MONAI Label server over HTTP (server overhead).
+
+Both sides use the same network object and weights, get the image already preprocessed, and return
+a label on the original grid. ``--auto`` instead times whole-volume class inference against MONAI's
+``SlidingWindowInferer`` and checks that the label maps agree. One JSON line per run on stdout.
+
+    python bench/click_latency.py --preset small
+    python bench/click_latency.py --preset vista3d --auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import DATA, Case, deepest_voxel, dice, multiclass_agreement, next_click, parse_case, peak_rss_mb
+from http_pass import http_clicks
+from monai.apps.vista3d.inferer import point_based_window_inferer
+from monai.apps.vista3d.transforms import VistaPostTransformd
+from monai.inferers import SlidingWindowInferer
+
+from lib.engine import PRECISIONS, Engine
+from lib.geometry import map_points, resample_nearest
+from lib.labels import load_label_dictionary
+from lib.model import LoadedModel, load_model, patch_size_for
+from lib.prompts import PointPrompt
+from lib.segment import new_state, segment_points
+from lib.sessions import ImageState
+
+logger = logging.getLogger("click_latency")
+LABELS = load_label_dictionary()
+DEFAULT_CASES = [
+    str(DATA / "sts" / "STS_021_ct.nii.gz"),
+    f"{DATA / 'totalseg' / 'example_ct.nii.gz'}:{DATA / 'totalseg' / 'example_seg_fast_force_split.nii.gz'}:5:1",
+]
+
+
+def first_click(truth: np.ndarray) -> tuple[np.ndarray, bool]:
+    return deepest_voxel(truth), True
+
+
+def app_run(engine: Engine, state: ImageState, truth: np.ndarray, class_id: int, clicks: int) -> dict:
+    """The app's click path; returns times, Dice after each click and the clicks made."""
+    result = np.zeros(state.original_shape, dtype=np.int16)
+    points: list[np.ndarray] = []
+    positive: list[bool] = []
+    times, dices = [], []
+    for k in range(clicks):
+        click = first_click(truth) if k == 0 else next_click(result == class_id, truth)
+        if click is None:
+            break
+        points.append(click[0])
+        positive.append(click[1])
+        prompt = PointPrompt(np.asarray(points), np.asarray(positive), class_id)
+        start = time.perf_counter()
+        result = segment_points(engine, state, prompt, result)
+        times.append(time.perf_counter() - start)
+        dices.append(dice(result == class_id, truth))
+    return {"times": times, "dice": dices, "points": [p.tolist() for p in points], "positive": positive}
+
+
+def reference_run(model: LoadedModel, state: ImageState, truth: np.ndarray, class_id: int, clicks: int, patch) -> dict:
+    """MONAI's point inferer, one window on the newest click, previous logits as prev_mask."""
+    h, w, d = state.original_shape
+    image = state.image.unsqueeze(0)
+    size = np.asarray(state.image.shape[1:])
+    prev: torch.Tensor | None = None
+    mask = np.zeros((h, w, d), dtype=bool)
+    points: list[np.ndarray] = []
+    labels: list[int] = []
+    times, dices = [], []
+    offset = 2 if class_id in LABELS.special else 0
+    for k in range(clicks):
+        click = first_click(truth) if k == 0 else next_click(mask, truth)
+        if click is None:
+            break
+        model_point = np.clip(
+            np.round(map_points(click[0][None], state.original_affine, state.model_affine)[0]), 0, size - 1
+        )
+        points.append(model_point)
+        labels.append(int(click[1]) + offset)
+        start = time.perf_counter()
+        with torch.no_grad():
+            prev = point_based_window_inferer(
+                inputs=image,
+                roi_size=patch,
+                predictor=model.network,
+                point_coords=torch.as_tensor(np.asarray(points), dtype=torch.float32)[None],
+                point_labels=torch.as_tensor(labels)[None],
+                class_vector=None,
+                prompt_class=torch.tensor([[class_id]]),
+                prev_mask=prev,
+                point_start=len(points) - 1,
+                transpose=True,
+            )
+        logits = torch.nan_to_num(prev[0, 0].as_tensor() if hasattr(prev, "as_tensor") else prev[0, 0], nan=-1.0)
+        mask = (
+            resample_nearest((logits > 0)[None].to(torch.uint8), state.model_affine, state.original_affine, (h, w, d))[
+                0
+            ]
+            > 0
+        )
+        times.append(time.perf_counter() - start)
+        dices.append(dice(mask, truth))
+    return {"times": times, "dice": dices}
+
+
+def later(times: list[float]) -> float:
+    return statistics.median(times[1:]) if len(times) > 1 else float("nan")
+
+
+def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine) -> dict:
+    patch = patch_size_for(args.preset)
+    rows = []
+    for spec in args.cases:
+        case: Case = parse_case(spec)
+        truth = case.ground_truth()
+        logger.info("Case %s: %s voxels of object", case.name, int(truth.sum()))
+        start = time.perf_counter()
+        state = new_state(str(case.image), LABELS.preprocessing, patch)
+        preprocess_s = time.perf_counter() - start
+        ref = reference_run(model, state, truth, case.class_id, args.clicks, patch)
+        state.features.clear()
+        app = app_run(engine, state, truth, case.class_id, args.clicks)
+        row = {
+            "case": case.name,
+            "class_id": case.class_id,
+            "preprocess_s": round(preprocess_s, 3),
+            "reference_s": [round(t, 3) for t in ref["times"]],
+            "app_s": [round(t, 3) for t in app["times"]],
+            "reference_dice": [round(x, 4) for x in ref["dice"]],
+            "app_dice": [round(x, 4) for x in app["dice"]],
+        }
+        if not args.no_http and not rows:
+            http = http_clicks(case, app["points"], app["positive"], args)
+            row.update(http)
+        rows.append(row)
+        logger.info("%s", json.dumps(row))
+    ref_first = statistics.median(r["reference_s"][0] for r in rows)
+    app_first = statistics.median(r["app_s"][0] for r in rows)
+    ref_later = statistics.median(t for r in rows for t in r["reference_s"][1:])
+    app_later = statistics.median(t for r in rows for t in r["app_s"][1:])
+    out = {
+        "preset": args.preset,
+        "weights": model.version,
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "reference_first_s": round(ref_first, 3),
+        "reference_later_s": round(ref_later, 3),
+        "app_first_s": round(app_first, 3),
+        "app_later_s": round(app_later, 3),
+        "speedup_first": round(ref_first / app_first, 2),
+        "speedup_later": round(ref_later / app_later, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "cases": rows,
+    }
+    http_rows = [r for r in rows if "http_s" in r]
+    if http_rows:
+        out["http_first_s"] = http_rows[0]["http_s"][0]
+        out["http_later_s"] = round(later(http_rows[0]["http_s"]), 3)
+    return out
+
+
+def auto_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine) -> dict:
+    patch = patch_size_for(args.preset)
+    state = new_state(str(args.auto_image), LABELS.preprocessing, patch)
+    image = state.image
+    classes = [int(c) for c in args.auto_classes.split(",")]
+    class_vector = torch.tensor(classes).unsqueeze(1)
+    inferer = SlidingWindowInferer(roi_size=patch, overlap=LABELS.sw_overlap, sw_batch_size=1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = inferer(image.unsqueeze(0), lambda x: model.network(x, class_vector=class_vector, transpose=True))
+        reference = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})[
+            "pred"
+        ][0]
+    reference_s = time.perf_counter() - start
+    del logits
+    start = time.perf_counter()
+    app = engine.auto(image, classes)
+    app_s = time.perf_counter() - start
+    return {
+        "mode": "auto",
+        "preset": args.preset,
+        "weights": model.version,
+        "precision": args.precision,
+        "image": Path(args.auto_image).name,
+        "model_grid": list(image.shape[1:]),
+        "classes": classes,
+        "reference_s": round(reference_s, 2),
+        "app_s": round(app_s, 2),
+        "speedup": round(reference_s / app_s, 2),
+        "agreement_dice": round(multiclass_agreement(reference.numpy().astype(np.int16), app.numpy()), 5),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["small", "vista3d"], default="small")
+    parser.add_argument(
+        "--weights", default=None, help="checkpoint (default: the preset's starter, or random for vista3d)"
+    )
+    parser.add_argument(
+        "--cases", nargs="+", default=DEFAULT_CASES, help="X_ct.nii.gz or image:label[:value[:class_id]]"
+    )
+    parser.add_argument("--clicks", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="bf16", help="the app's precision (the server's default)"
+    )
+    parser.add_argument("--no-http", action="store_true", help="skip the pass through the HTTP server")
+    parser.add_argument("--auto", action="store_true", help="time automatic segmentation instead of clicks")
+    parser.add_argument("--auto-image", default=str(DATA / "totalseg" / "example_ct.nii.gz"))
+    parser.add_argument("--auto-classes", default="1,3,4,5,6,7,10,12,14")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    weights = args.weights or ("starter" if args.preset == "small" else "none")
+    args.weights = weights
+    model = load_model(args.preset, weights, Path("/nonexistent"), torch.device("cpu"))
+    engine = Engine(model, patch_size_for(args.preset), LABELS.sw_overlap, LABELS.special, args.precision)
+    result = auto_benchmark(args, model, engine) if args.auto else click_benchmark(args, model, engine)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

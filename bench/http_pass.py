@@ -1,0 +1,79 @@
+"""The same clicks through the real MONAI Label server, to measure what HTTP and the server add."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from common import ROOT, Case
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(studies: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    cmd = [
+        str(bin_dir / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "vista3d"),
+        "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "preset", args.preset, "--conf", "weights", args.weights,
+        "--conf", "threads", str(args.threads), "--conf", "precision", args.precision,
+    ]  # fmt: skip
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/info/", timeout=5).ok:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    raise RuntimeError("server did not start")
+
+
+def http_clicks(case: Case, points: list[list[int]], positive: list[bool], args: argparse.Namespace) -> dict:
+    """Send the clicks one request at a time, as OHIF does (all clicks so far in every request)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = Path(tmp) / "studies"
+        studies.mkdir()
+        os.symlink(case.image.resolve(), studies / case.image.name)
+        image_id = case.image.name.split(".")[0]
+        proc, url = _start(studies, args, Path(tmp) / "server.log")
+        try:
+            times = []
+            for k in range(1, len(points) + 1):
+                params = {
+                    "points": points[:k],
+                    "point_labels": [int(p) for p in positive[:k]],
+                    "label_prompt": [case.class_id],
+                    "result_extension": ".nrrd",
+                    "result_dtype": "uint8",
+                }
+                start = time.perf_counter()
+                response = requests.post(
+                    f"{url}/infer/vista3d",
+                    params={"image": image_id, "output": "image"},
+                    files={"params": (None, json.dumps(params))},
+                    timeout=600,
+                )
+                response.raise_for_status()
+                times.append(round(time.perf_counter() - start, 3))
+            return {"http_s": times}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
