@@ -6,6 +6,7 @@ Accuracy is not asserted here (that is a benchmark figure); structure and geomet
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,37 @@ def test_corrupt_label_is_refused_and_good_label_kept(server: Server, tmp_path: 
     )
     assert 400 <= response.status_code < 500, response.text
     assert "cannot be read" in response.text
+
+
+def test_dice_scoring_reports_how_much_was_corrected(server: Server, tmp_path: Path) -> None:
+    image, affine = load_nifti(STS / "STS_002_ct.nii.gz")
+    original = np.zeros(image.shape, dtype=np.uint8)
+    original[10:20, 10:20, 5:10] = 133
+    final = original.copy()
+    final[10:15, 10:20, 5:10] = 0  # the annotator removed half
+    for tag, label in (("original", original), ("final", final)):
+        response = requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": "STS_002_ct", "tag": tag},
+            files={"label": ("STS_002_ct.nii.gz", nifti_bytes(label, affine))},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+    # MONAI Label scores every saved label in the background; wait for it, then ask once more in process.
+    deadline = time.time() + 180
+    while requests.get(f"{server.url}/scoring/", params={"check_if_running": "true"}, timeout=30).status_code == 200:
+        assert time.time() < deadline, "background scoring did not finish"
+        time.sleep(1)
+    response = requests.post(f"{server.url}/scoring/dice", params={"run_sync": "true"}, json={}, timeout=120)
+    assert response.status_code == 200, response.text
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": "STS_002_ct"}, timeout=30).json()
+    assert info["dice"] == round(2 * 500 / 1500, 5)
+    assert info["corrected_fraction"] == 0.5
+
+
+def test_active_learning_strategies(server: Server) -> None:
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert {"random", "first"} <= set(info["strategies"])
+    response = requests.post(f"{server.url}/activelearning/first", json={}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"]

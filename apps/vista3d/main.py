@@ -17,7 +17,12 @@ from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
+from lib.activelearning.dice import MultiClassDice
 from lib.datastore import SafeLocalDatastore
 from lib.engine import Engine
 from lib.infers.vista3d import Vista3DInfer
@@ -79,6 +84,12 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {MODEL_NAME: Vista3DInfer(self.engine, self.dictionary, self.registry, self.sessions_store)}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {"dice": MultiClassDice()}
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Answer unknown models and images with 404 instead of MONAI Label's 500."""

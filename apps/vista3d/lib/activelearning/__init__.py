@@ -1,1 +1,1 @@
-"""Active-learning strategies live here; see the continual-learning issue."""
+"""Active learning: which image to label next, and how much the model's labels needed correcting."""
