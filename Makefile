@@ -15,7 +15,15 @@ CONF_ARGS := $(foreach kv,$(CONF),--conf $(word 1,$(subst =, ,$(kv))) $(patsubst
 # pip warns once per package about local index folders that do not exist on every machine.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv serve test lint unit e2e clean
+# Orthanc (scripts/orthanc/): loopback DICOMweb server for `make serve STUDIES=$(ORTHANC_URL)` and the tests.
+ORTHANC_PORT ?= 8042
+ORTHANC_URL  := http://127.0.0.1:$(ORTHANC_PORT)/dicom-web
+ORTHANC_ENV  := ORTHANC_PORT=$(ORTHANC_PORT)
+# System packages (Debian) the DICOMweb and browser tests need; installed only when missing.
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+apt_install = $(APT_GET) update -qq && $(APT_GET) install -y -qq $(1)
+
+.PHONY: venv serve test lint unit e2e clean orthanc orthanc-install orthanc-stop browser-install
 
 venv: $(VENV)/.installed
 
@@ -30,12 +38,32 @@ serve: venv
 		--studies "$(STUDIES)" --host $(HOST) --port $(PORT) $(CONF_ARGS)
 
 lint: venv
-	$(BIN)/ruff check apps tests bench tools
-	$(BIN)/ruff format --check apps tests bench tools
+	$(BIN)/ruff check apps tests bench tools scripts
+	$(BIN)/ruff format --check apps tests bench tools scripts
 	$(BIN)/mypy apps/vista3d/lib apps/vista3d/main.py
 
-test: lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not e2e" -ra
+# The whole suite, browser tests included; `pytest -m "not e2e"` skips the browser for quick runs.
+test: lint orthanc-install browser-install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra
+
+e2e: venv orthanc-install browser-install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m e2e -ra
+
+orthanc-install:
+	@if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+		$(call apt_install,orthanc orthanc-dicomweb); fi
+
+browser-install:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		$(call apt_install,chromium chromium-driver); fi
+
+# Starts the project's Orthanc (storage in .orthanc/) and uploads ../shared/data's DICOM series.
+orthanc: venv orthanc-install
+	$(ORTHANC_ENV) scripts/orthanc/orthanc.sh start
+	$(BIN)/python scripts/orthanc/upload.py --orthanc http://127.0.0.1:$(ORTHANC_PORT)
+
+orthanc-stop:
+	$(ORTHANC_ENV) scripts/orthanc/orthanc.sh stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

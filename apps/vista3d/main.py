@@ -24,6 +24,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.dice import MultiClassDice
 from lib.datastore import SafeLocalDatastore
+from lib.dicomweb import open_dicomweb_datastore
 from lib.engine import Engine
 from lib.infers.vista3d import Vista3DInfer
 from lib.labels import load_label_dictionary
@@ -74,7 +75,8 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            # DICOM-SEG written in Python (lib.dicomseg): no dcmqi download, segments named from the dictionary.
+            return open_dicomweb_datastore(self.studies, self.dictionary.classes, self.registry)
         return SafeLocalDatastore(
             self.studies,
             extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,

@@ -1,0 +1,98 @@
+"""Fixtures of the browser tests: Orthanc loaded with the test series, the app's server on it, headless Chromium.
+
+Missing system packages (Orthanc, Chromium, chromedriver) fail the tests with the command that
+installs them (``make e2e`` does): a browser test that is skipped quietly proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+
+from ..conftest import APP_DIR, ROOT, Server, _free_port, _wait_for_info
+from ..orthanc import running_orthanc
+
+ARTIFACTS = ROOT / "artifacts" / "e2e"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--enable-unsafe-swiftshader",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1600,1000",
+)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Screenshots and logs of the last run (git-ignored)."""
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), _free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def dicomweb_server(orthanc: str, tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterator[Server]:
+    """The app's server on Orthanc's DICOMweb, its series cache in a temporary folder; its log kept as artifact."""
+    port = _free_port()
+    log = artifacts / "server.log"
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        MONAI_LABEL_DICOMWEB_CACHE_PATH=str(tmp_path_factory.mktemp("dicomweb-cache")),
+    )
+    studies = f"{orthanc}/dicom-web"
+    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP_DIR)]
+    cmd += ["--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_info(url, proc, log)
+        yield Server(url, Path(), log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """Debian's headless Chromium driven by Debian's chromedriver (nothing downloaded)."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.fail(
+            f"CHROMIUM OR CHROMEDRIVER MISSING ({CHROMIUM}, {CHROMEDRIVER}): run `make e2e` "
+            "(apt-get install -y chromium chromium-driver)",
+            pytrace=False,
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
