@@ -67,7 +67,7 @@ def app_run(engine: Engine, state: ImageState, truth: np.ndarray, class_id: int,
         positive.append(click[1])
         prompt = PointPrompt(np.asarray(points), np.asarray(positive), class_id)
         start = time.perf_counter()
-        result = segment_points(engine, state, prompt, result)
+        result, _ = segment_points(engine, state, prompt, result)
         times.append(time.perf_counter() - start)
         dices.append(dice(result == class_id, truth))
     return {"times": times, "dice": dices, "points": [p.tolist() for p in points], "positive": positive}
@@ -146,7 +146,7 @@ def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine
             "app_dice": [round(x, 4) for x in app["dice"]],
         }
         if not args.no_http and not rows:
-            http = http_clicks(case, app["points"], app["positive"], args)
+            http = http_clicks(case, app["points"], app["positive"], model.network, args)
             row.update(http)
         rows.append(row)
         logger.info("%s", json.dumps(row))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import requests
+import torch
 from common import ROOT, Case
 
 
@@ -22,13 +23,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(studies: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+def _start(studies: Path, weights: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     cmd = [
         str(bin_dir / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "vista3d"),
         "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "preset", args.preset, "--conf", "weights", args.weights,
+        "--conf", "preset", args.preset, "--conf", "weights", str(weights),
         "--conf", "threads", str(args.threads), "--conf", "precision", args.precision,
     ]  # fmt: skip
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -46,14 +47,21 @@ def _start(studies: Path, args: argparse.Namespace, log: Path) -> tuple[subproce
     raise RuntimeError("server did not start")
 
 
-def http_clicks(case: Case, points: list[list[int]], positive: list[bool], args: argparse.Namespace) -> dict:
-    """Send the clicks one request at a time, as OHIF does (all clicks so far in every request)."""
+def http_clicks(
+    case: Case, points: list[list[int]], positive: list[bool], network: torch.nn.Module, args: argparse.Namespace
+) -> dict:
+    """Send the clicks one request at a time, as OHIF does (all clicks so far in every request).
+
+    The server gets the in-process network's weights, random ones included, so both see the same model.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "studies"
         studies.mkdir()
         os.symlink(case.image.resolve(), studies / case.image.name)
         image_id = case.image.name.split(".")[0]
-        proc, url = _start(studies, args, Path(tmp) / "server.log")
+        weights = Path(tmp) / "weights.pt"
+        torch.save(network.state_dict(), weights)
+        proc, url = _start(studies, weights, args, Path(tmp) / "server.log")
         try:
             times = []
             for k in range(1, len(points) + 1):

@@ -55,3 +55,25 @@ def test_nearby_clicks_share_a_window_far_clicks_do_not() -> None:
     assert len(state.features) == 1, "the second click reused the first window"
     engine.points(state, points, positive, 3, np.array([2]))
     assert len(state.features) == 2
+
+
+def test_bf16_masks_agree_with_fp32_on_real_ct() -> None:
+    """bfloat16 autocast changes logits by ~1e-2; only voxels with near-zero logits flip sign."""
+    from lib.segment import new_state
+
+    from .conftest import STS
+
+    torch.manual_seed(0)
+    labels = load_label_dictionary()
+    model = LoadedModel(build_network("small").eval(), "small", "test.pt", torch.device("cpu"))
+    state = new_state(str(STS / "STS_001_ct.nii.gz"), labels.preprocessing, (96, 96, 96))
+    points, positive = np.array([[60.0, 60.0, 50.0], [70.0, 40.0, 50.0]]), np.array([True, False])
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        state.features.clear()
+        engine = Engine(model, (96, 96, 96), 0.3, labels.special, precision)
+        masks[precision] = engine.points(state, points, positive, 3, np.array([0, 1])).foreground
+    a, b = masks["fp32"], masks["bf16"]
+    assert a.any()
+    # Random weights put many logits near zero, the worst case for agreement (trained heads are sharper).
+    assert 2 * (a & b).sum().item() / (a.sum() + b.sum()).item() > 0.98

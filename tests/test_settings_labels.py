@@ -15,7 +15,7 @@ from .conftest import DATA
 def test_defaults() -> None:
     s = Settings.from_conf({})
     assert s.preset == "small" and s.weights == "starter" and s.device == "auto"
-    assert s.threads >= 1 and s.session_cache_mb == 4096
+    assert s.threads >= 1 and s.session_cache_mb == 4096 and s.precision == "bf16"
 
 
 def test_vista3d_preset_defaults_to_official_weights() -> None:
@@ -25,7 +25,11 @@ def test_vista3d_preset_defaults_to_official_weights() -> None:
 
 @pytest.mark.parametrize(
     ("conf", "message"),
-    [({"preset": "big"}, "preset must be one of"), ({"threads": "two"}, "must be an integer")],
+    [
+        ({"preset": "big"}, "preset must be one of"),
+        ({"threads": "two"}, "must be an integer"),
+        ({"precision": "fp16"}, "precision must be fp32 or bf16"),
+    ],
 )
 def test_bad_conf(conf: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

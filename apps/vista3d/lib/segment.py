@@ -52,8 +52,15 @@ def _new_click_indices(state: ImageState, prompt: PointPrompt) -> np.ndarray:
     return np.asarray(new if new else range(len(keys)), dtype=np.int64)
 
 
-def segment_points(engine: Engine, state: ImageState, prompt: PointPrompt, previous: np.ndarray) -> np.ndarray:
-    """Edit ``previous`` ([H, W, D] ids, original grid) with the clicks of ``prompt`` (Algorithm 1)."""
+def segment_points(
+    engine: Engine, state: ImageState, prompt: PointPrompt, previous: np.ndarray
+) -> tuple[np.ndarray, list[bool]]:
+    """Edit ``previous`` ([H, W, D] ids, original grid) with the clicks of ``prompt`` (Algorithm 1).
+
+    Returns:
+        The edited label map, and for each click whether the new prediction covers it. A click
+        the prediction does not cover changes nothing; clients can tell the user so.
+    """
     model_points = map_points(prompt.points, state.original_affine, state.model_affine)
     size = np.asarray(state.image.shape[1:])
     model_points = np.clip(model_points, 0, size - 1)  # clicks in cropped-away air snap to the volume edge
@@ -61,7 +68,7 @@ def segment_points(engine: Engine, state: ImageState, prompt: PointPrompt, previ
     box = box_in_target(windows.box, state.model_affine, state.original_affine, state.original_shape)
     state.clicks[prompt.class_id] = set(_click_keys(prompt))
     if box is None:
-        return previous
+        return previous, [False] * len(prompt.points)
     start = [lo for lo, _ in box]
     shape = [hi - lo for lo, hi in box]
     mask = torch.stack([windows.foreground, windows.computed]).to(torch.uint8)
@@ -73,13 +80,9 @@ def segment_points(engine: Engine, state: ImageState, prompt: PointPrompt, previ
         shape,
     ).astype(bool)
     sl = tuple(slice(lo, hi) for lo, hi in box)
+    local = prompt.points - np.asarray(start)
     edited = previous.copy()
-    edited[sl] = apply_clicks(
-        previous[sl],
-        on_original[0],
-        on_original[1],
-        prompt.points - np.asarray(start),
-        prompt.positive,
-        prompt.class_id,
-    )
-    return edited
+    edited[sl] = apply_clicks(previous[sl], on_original[0], on_original[1], local, prompt.positive, prompt.class_id)
+    inside = np.all((local >= 0) & (local < np.asarray(shape)), axis=1)
+    covered = [bool(ok and on_original[0][tuple(p)]) for p, ok in zip(local, inside, strict=True)]
+    return edited, covered

@@ -41,8 +41,9 @@ class Settings:
             initialisation (a loud warning).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         threads: torch intra-op threads; defaults to the cores this process may use.
-        precision: ``bf16`` runs convolutions and matrix products under bfloat16
-            autocast, ``fp32`` (default) runs everything in float32 (see :class:`.engine.Engine`).
+        precision: ``bf16`` (default) runs the click path's convolutions and matrix products
+            under bfloat16 autocast, ``fp32`` runs it in float32; the automatic path is always
+            float32 (see :class:`.engine.Engine`).
         session_cache_mb: memory budget of the per-image session state (preprocessed image,
             previous result, cached encoder features); least recently used images are dropped.
     """
@@ -51,7 +52,7 @@ class Settings:
     weights: str = "starter"
     device: str = "auto"
     threads: int = field(default_factory=_available_cores)
-    precision: str = "fp32"
+    precision: str = "bf16"
     session_cache_mb: int = 4096
 
     @classmethod

@@ -7,6 +7,7 @@ One task serves the three tabs of MONAI Label's OHIF panel (they all list models
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -78,11 +79,12 @@ class Vista3DInfer(InferTask):
         latency_load = time.time() - start
 
         start = time.time()
+        covered: list[bool] = []
         with state.lock:
             if isinstance(prompt, AutoPrompt):
                 result = segment_auto(self.engine, state, prompt)
             else:
-                result = self._edit(state, prompt, request)
+                result, covered = self._edit(state, prompt, request)
             state.result = result
         latency_infer = time.time() - start
         self.store.enforce_budget()
@@ -94,7 +96,7 @@ class Vista3DInfer(InferTask):
             "result_extension": request.get("result_extension") or DEFAULT_EXTENSION,
             "result_dtype": request.get("result_dtype") or "uint8",
             "result_compress": request.get("result_compress", False),
-            "result": self._result_json(prompt, result),
+            "result": self._result_json(prompt, result, covered),
         }
         out_file, out_json = Writer(label="pred", json="result")(data)
         latency_write = time.time() - start
@@ -125,7 +127,7 @@ class Vista3DInfer(InferTask):
         except ImageError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
 
-    def _edit(self, state: ImageState, prompt: PointPrompt, request: dict[str, Any]) -> np.ndarray:
+    def _edit(self, state: ImageState, prompt: PointPrompt, request: dict[str, Any]) -> tuple[np.ndarray, list[bool]]:
         try:
             prompt.check_inside(state.original_shape)
         except PromptError as e:
@@ -137,7 +139,11 @@ class Vista3DInfer(InferTask):
     def _previous(state: ImageState, request: dict[str, Any]) -> np.ndarray:
         """The label the clicks edit: an uploaded label, else this image's last result, else empty."""
         label = request.get("label")
-        if isinstance(label, str) and label and not ("foreground" in request or "background" in request):
+        if (
+            isinstance(label, str)
+            and os.path.isfile(label)
+            and not ("foreground" in request or "background" in request)
+        ):
             try:
                 return load_label(label, state.original_shape)
             except ImageError as e:
@@ -146,7 +152,7 @@ class Vista3DInfer(InferTask):
             return state.result
         return np.zeros(state.original_shape, dtype=np.int16)
 
-    def _result_json(self, prompt: AutoPrompt | PointPrompt, result: np.ndarray) -> dict[str, Any]:
+    def _result_json(self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, covered: list[bool]) -> dict[str, Any]:
         present = sorted(int(v) for v in np.unique(result) if v)
         names = {
             **{i: n for i, n in self.dictionary.classes.items()},
@@ -161,6 +167,10 @@ class Vista3DInfer(InferTask):
         else:
             out["label_prompt"] = [prompt.class_id]
             out["zero_shot"] = prompt.zero_shot
+            out["clicks"] = [
+                {"point": p.tolist(), "positive": bool(s), "on_prediction": c}
+                for p, s, c in zip(prompt.points, prompt.positive, covered, strict=True)
+            ]
             if prompt.new_name:
                 out["new_label"] = {prompt.new_name: prompt.class_id}
         return out
