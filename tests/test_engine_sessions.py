@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,14 @@ def test_store_loads_each_image_once_under_concurrency() -> None:
     for t in threads:
         t.join()
     assert sorted(calls) == ["x", "y"]
+
+
+def test_a_changed_image_file_is_a_new_state(tmp_path: Path) -> None:
+    from lib.sessions import state_key
+
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(b"first version")
+    before = state_key(str(path))
+    assert state_key(str(path)) == before
+    path.write_bytes(b"second version, another size")
+    assert state_key(str(path)) != before, "an edited file must not reuse cached features or results"
