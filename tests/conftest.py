@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 STS = DATA / "sts"
 ABDOMEN_SM = DATA / "totalseg" / "example_ct_sm.nii.gz"
 ABDOMEN_SEG_SM = DATA / "totalseg" / "example_seg.nii.gz"
-SERVER_CASES = ("STS_001", "STS_002", "STS_003")
+# Tests that assert which ids a result holds get an image of their own (STS_006, STS_007).
+SERVER_CASES = ("STS_001", "STS_002", "STS_003", "STS_006", "STS_007")
 
 sys.path.insert(0, str(APP_DIR))
 
@@ -80,32 +82,42 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(studies: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The real MONAI Label server with this app, on a free loopback port, stopped at the end."""
+def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, randomly initialised ``small`` checkpoint: the servers under test behave the same every run."""
+    from lib.model import build_network
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "small_seed0.pt"
+    torch.save(build_network("small").state_dict(), path)
+    return path
+
+
+@contextmanager
+def running_server(studies: str, log: Path, weights: Path, **env: str) -> Iterator[Server]:
+    """``monailabel start_server`` with this app on a free loopback port; stopped on exit."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [
-        str(Path(sys.executable).parent / "monailabel"),
-        "start_server",
-        "--app",
-        str(APP_DIR),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    bin_dir = Path(sys.executable).parent
+    full_env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **env)
+    cmd = [str(bin_dir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", studies]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "weights", str(weights)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_info(url, proc, log)
-        yield Server(url, studies, log)
+        yield Server(url, Path(studies), log)
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(studies: Path, test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real MONAI Label server with this app over the temporary datastore."""
+    with running_server(str(studies), tmp_path_factory.mktemp("server") / "server.log", test_weights) as running:
+        yield running

@@ -36,6 +36,7 @@ def test_info_lists_the_vista3d_model(server: Server) -> None:
     assert "rectum" not in labels  # unsupported by the published model
     assert all(name == name.lower() for name in labels)
     assert model["preset"] == "small"
+    assert model["weights"].endswith("small_seed0.pt") and "warning" not in model
 
 
 def test_ohif_page_is_served(server: Server) -> None:
@@ -67,20 +68,20 @@ def assert_one_component_at(mask: np.ndarray, click: list[int], covered: bool) -
 
 
 def test_ohif_point_request_returns_uint8_nrrd_on_the_image_grid(server: Server) -> None:
-    click = sts_click("STS_001")
+    click = sts_click("STS_006")
     params = {"points": [click], "point_labels": [1], "label_prompt": [3]}
     response = ohif_infer(
-        server.url, "vista3d", "STS_001_ct", {**params, "result_extension": ".nrrd", "result_dtype": "uint8"}
+        server.url, "vista3d", "STS_006_ct", {**params, "result_extension": ".nrrd", "result_dtype": "uint8"}
     )
     assert response.status_code == 200, response.text
     data, header = read_nrrd(response.content)
-    image, affine = load_nifti(STS / "STS_001_ct.nii.gz")
+    image, affine = load_nifti(STS / "STS_006_ct.nii.gz")
     assert data.shape == image.shape
     assert data.dtype == np.uint8
     # NRRD stores LPS; the image's RAS affine flips the first two axes.
     np.testing.assert_allclose(np.abs(header["space directions"]), np.abs(affine[:3, :3].T), atol=1e-4)
     assert set(np.unique(data).tolist()) <= {0, 3}
-    covered = infer_json(server.url, "STS_001_ct", params).json()["clicks"][0]["on_prediction"]
+    covered = infer_json(server.url, "STS_006_ct", params).json()["clicks"][0]["on_prediction"]
     assert_one_component_at(data == 3, click, covered)
 
 
@@ -101,10 +102,10 @@ def test_zero_shot_name_gets_an_id_and_is_reported(server: Server, tmp_path: Pat
 
 
 def test_zero_shot_id_comes_back_as_that_id(server: Server, tmp_path: Path) -> None:
-    click = sts_click("STS_003")
+    click = sts_click("STS_007")
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     params = {"points": [click], "point_labels": [1], "label_prompt": [201]}
-    result, body = client.infer("vista3d", "STS_003_ct", params)
+    result, body = client.infer("vista3d", "STS_007_ct", params)
     body = json.loads(body) if isinstance(body, str) else body
     label, _ = load_nifti(result)
     assert set(np.unique(label).tolist()) <= {0, 201}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from ..conftest import APP_DIR, ROOT, Server, _free_port, _wait_for_info
+from ..conftest import ROOT, Server, _free_port, running_server
 from ..orthanc import running_orthanc
 
 ARTIFACTS = ROOT / "artifacts" / "e2e"
@@ -51,30 +49,16 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def dicomweb_server(orthanc: str, tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterator[Server]:
+def dicomweb_server(
+    orthanc: str, test_weights: Path, tmp_path_factory: pytest.TempPathFactory, artifacts: Path
+) -> Iterator[Server]:
     """The app's server on Orthanc's DICOMweb, its series cache in a temporary folder; its log kept as artifact."""
-    port = _free_port()
-    log = artifacts / "server.log"
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        MONAI_LABEL_DICOMWEB_CACHE_PATH=str(tmp_path_factory.mktemp("dicomweb-cache")),
-    )
+    cache = str(tmp_path_factory.mktemp("dicomweb-cache"))
     studies = f"{orthanc}/dicom-web"
-    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP_DIR)]
-    cmd += ["--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_info(url, proc, log)
-        yield Server(url, Path(), log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_server(
+        studies, artifacts / "server.log", test_weights, MONAI_LABEL_DICOMWEB_CACHE_PATH=cache
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
