@@ -26,6 +26,7 @@ from lib.activelearning.dice import MultiClassDice
 from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import open_dicomweb_datastore
 from lib.engine import Engine
+from lib.imageio import warm_up_writer
 from lib.infers.vista3d import Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.model import load_model, patch_size_for, resolve_device
@@ -57,6 +58,7 @@ class MyApp(MONAILabelApp):
             precision=self.settings.precision,
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
+        warm_up_writer()
         self.registry = ZeroShotRegistry(self._state_dir(studies) / "zero_shot_labels.json")
         super().__init__(
             app_dir=app_dir,
