@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
@@ -17,8 +15,6 @@ from .refine import apply_clicks
 from .sessions import ImageState
 
 __all__ = ["new_state", "segment_auto", "segment_points"]
-
-logger = logging.getLogger(__name__)
 
 
 def new_state(image_path: str, pre: Preprocessing, patch: tuple[int, int, int]) -> ImageState:
