@@ -33,13 +33,14 @@ from monai.apps.vista3d.inferer import point_based_window_inferer
 from monai.apps.vista3d.transforms import VistaPostTransformd
 from monai.inferers import SlidingWindowInferer
 
-from lib.engine import PRECISIONS, Engine
+from lib.engine import Engine
 from lib.geometry import map_points, resample_nearest
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, load_model, patch_size_for
 from lib.prompts import PointPrompt
 from lib.segment import new_state, segment_points
 from lib.sessions import ImageState
+from lib.settings import PRECISIONS, Settings
 
 logger = logging.getLogger("click_latency")
 LABELS = load_label_dictionary()
@@ -221,7 +222,10 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="bf16", help="the app's precision (the server's default)"
+        "--precision",
+        choices=PRECISIONS,
+        default=Settings().precision,
+        help="the app's precision (default: the server's)",
     )
     parser.add_argument("--no-http", action="store_true", help="skip the pass through the HTTP server")
     parser.add_argument("--auto", action="store_true", help="time automatic segmentation instead of clicks")

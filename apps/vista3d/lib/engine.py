@@ -19,12 +19,11 @@ from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 from .model import LoadedModel
 from .point_head import HeadFeatures, predict, prepare
 from .sessions import ImageState
+from .settings import PRECISIONS
 
-__all__ = ["PRECISIONS", "Engine", "WindowLogits", "pad_to_patch"]
+__all__ = ["Engine", "WindowLogits", "pad_to_patch"]
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 # Logits are stitched in float16 to halve the memory of "everything" (127 channels per voxel);
 # clamping keeps sums of overlapping windows finite. Signs, hence labels, are unaffected.
@@ -140,7 +139,7 @@ class Engine:
         return ids.cpu()
 
     def _windows_for(self, state: ImageState, points: np.ndarray) -> list[tuple[int, int, int]]:
-        """Windows for clicks: one already chosen or cached that holds a click well inside, else one centred on it.
+        """Windows for clicks: one already chosen or cached that :func:`can_reuse` allows, else one centred on it.
 
         Reusing windows is what makes later clicks cheap: nearby clicks share one encoder pass.
         """

@@ -9,6 +9,7 @@ from typing import Any
 __all__ = ["PRESETS", "Settings"]
 
 PRESETS = ("small", "vista3d")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _available_cores() -> int:
@@ -69,8 +70,8 @@ class Settings:
                     raise ValueError(f"--conf preset must be one of {PRESETS}, got {value!r}")
                 values[key] = value
             elif key == "precision":
-                if value not in ("fp32", "bf16"):
-                    raise ValueError(f"--conf precision must be fp32 or bf16, got {value!r}")
+                if value not in PRECISIONS:
+                    raise ValueError(f"--conf precision must be one of {PRECISIONS}, got {value!r}")
                 values[key] = value
             elif key in ("threads", "session_cache_mb"):
                 values[key] = _parse_positive_int(key, value)

@@ -1,9 +1,8 @@
 """Training data for the point branch: the inference preprocessing as dictionary transforms, label-id
 mapping to VISTA3D's global ids, an in-memory cache of preprocessed volumes, and random 96³ crops.
 
-The image ops and constants are exactly those of :func:`lib.preprocess.preprocess` (read from the label
-dictionary) so that a network trained here sees at training time what the server feeds it; the label
-follows the image through the same geometric ops with nearest-neighbour resampling.
+The image ops are :func:`lib.preprocess.preprocess_transforms`, the server's own, so a network trained
+here sees what the server feeds it; the label follows the image with nearest-neighbour resampling.
 """
 
 from __future__ import annotations
@@ -15,27 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    LoadImaged,
-    Orientationd,
-    RandCropByPosNegLabeld,
-    ScaleIntensityRanged,
-    Spacingd,
-    SpatialPadd,
-)
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandCropByPosNegLabeld, SpatialPadd
 
 from ..labels import ZERO_SHOT_FIRST, LabelDictionary, Preprocessing
+from ..preprocess import preprocess_transforms
 
 __all__ = [
     "SARCOMA_ID",
     "TOTALSEG_V2_NAMES",
     "CachedVolume",
     "VolumeSampler",
+    "load_transforms",
     "load_volume",
-    "preprocess_transforms",
     "remap_lookup",
     "sts_pair",
     "totalseg_lookup",
@@ -77,18 +67,14 @@ class CachedVolume:
     label_set: list[int] = field(default_factory=list)
 
 
-def preprocess_transforms(pre: Preprocessing) -> Compose:
+def load_transforms(pre: Preprocessing) -> Compose:
     """Load image+label and apply the inference preprocessing (label resampled with nearest)."""
     keys = ["image", "label"]
-    lo, hi = pre.hu_window
     return Compose(
         [
             LoadImaged(keys=keys, image_only=True),
             EnsureChannelFirstd(keys=keys),
-            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            Orientationd(keys=keys, axcodes=pre.orientation),
-            Spacingd(keys=keys, pixdim=pre.spacing_mm, mode=("bilinear", "nearest")),
-            CropForegroundd(keys=keys, source_key="image", margin=pre.crop_margin, allow_smaller=True),
+            *preprocess_transforms(pre, label_key="label"),
         ]
     )
 
@@ -121,7 +107,7 @@ def sts_pair(root: str | Path, case: str) -> dict[str, str]:
 
 def load_volume(name: str, pair: Mapping[str, str], lookup: np.ndarray, pre: Preprocessing) -> CachedVolume:
     """Preprocess one case and map its labels to global ids through ``lookup``."""
-    data = preprocess_transforms(pre)(dict(pair))
+    data = load_transforms(pre)(dict(pair))
     raw = np.asarray(data["label"].array if hasattr(data["label"], "array") else data["label"])
     label = torch.from_numpy(lookup[np.rint(raw).astype(np.int64).clip(0, len(lookup) - 1)])
     image = torch.as_tensor(np.asarray(data["image"].array), dtype=torch.float32)
