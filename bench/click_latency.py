@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, Case, deepest_voxel, dice, multiclass_agreement, next_click, parse_case, peak_rss_mb
+from common import DATA, Case, multiclass_agreement, parse_case, peak_rss_mb
 from http_pass import http_clicks
 from monai.apps.vista3d.inferer import point_based_window_inferer
 from monai.apps.vista3d.transforms import VistaPostTransformd
@@ -41,6 +41,7 @@ from lib.prompts import PointPrompt
 from lib.segment import new_state, segment_points
 from lib.sessions import ImageState
 from lib.settings import PRECISIONS, Settings
+from lib.simulate import deepest_voxel, dice, next_click
 
 logger = logging.getLogger("click_latency")
 LABELS = load_label_dictionary()

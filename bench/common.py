@@ -1,4 +1,4 @@
-"""What the benchmarks share: case parsing, the simulated annotator, Dice, the app's library on the path."""
+"""What the benchmarks share: case parsing, agreement, peak memory, the app's library on the path."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 sys.path.insert(0, str(ROOT / "apps" / "vista3d"))
-
-STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -51,36 +48,6 @@ def parse_case(spec: str) -> Case:
     class_id = int(parts[3]) if len(parts) > 3 else 133
     name = image.name.split(".")[0] + (f"#{value}" if value is not None else "")
     return Case(name, image, Path(parts[1]), value, class_id)
-
-
-def deepest_voxel(mask: np.ndarray) -> np.ndarray:
-    """The voxel farthest from the mask's boundary: where an annotator clicks."""
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
-    return np.asarray(np.unravel_index(int(np.argmax(dist)), mask.shape))
-
-
-def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
-    """The simulated annotator: a click at the centre of the largest error region.
-
-    Positive when that region is missed foreground, negative when it is a false positive.
-    """
-    best: tuple[int, np.ndarray, bool] | None = None
-    for region, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
-        labelled, n = ndimage.label(region, structure=STRUCTURE_26)
-        if n == 0:
-            continue
-        sizes = np.bincount(labelled.ravel())[1:]
-        k = int(np.argmax(sizes))
-        if best is None or sizes[k] > best[0]:
-            best = (int(sizes[k]), labelled == k + 1, positive)
-    if best is None:
-        return None
-    return deepest_voxel(best[1]), best[2]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def multiclass_agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,8 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import requests
-from scipy import ndimage
+
+from lib import simulate
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -21,9 +22,8 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def deepest_voxel(mask: np.ndarray) -> list[int]:
-    """The voxel of ``mask`` farthest from its boundary: a click an annotator would make."""
-    dist = ndimage.distance_transform_edt(mask)
-    return [int(c) for c in np.unravel_index(np.argmax(dist), mask.shape)]
+    """The simulated annotator's first click (:func:`lib.simulate.deepest_voxel`) as a JSON-ready list."""
+    return [int(c) for c in simulate.deepest_voxel(mask)]
 
 
 def ohif_infer(url: str, model: str, image: str, params: dict[str, Any], timeout: float = 300) -> requests.Response:

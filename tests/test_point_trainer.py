@@ -1,22 +1,22 @@
-"""The point-branch training step on a real sarcoma crop: finite loss, point head learns, class head frozen."""
+"""Training steps on real sarcoma crops: the point step trains the point branch only (class head frozen),
+the auto step the class head only, and supervoxels become zero-shot objects of a crop."""
 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "vista3d"
-DATA = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve()
-sys.path.insert(0, str(APP_DIR))
+from lib.labels import ZERO_SHOT_FIRST, ZERO_SHOT_LAST, load_label_dictionary
+from lib.model import build_network
+from lib.trainers.auto_trainer import AutoTrainer
+from lib.trainers.data import SARCOMA_ID, VolumeSampler, load_volume, remap_lookup, sts_pair
+from lib.trainers.point_trainer import PointTrainConfig, PointTrainer
+from lib.trainers.supervoxel_objects import SupervoxelSampling, add_supervoxel_objects
 
-from lib.labels import load_label_dictionary  # noqa: E402
-from lib.model import build_network, patch_size_for  # noqa: E402
-from lib.trainers.data import SARCOMA_ID, VolumeSampler, load_volume, remap_lookup, sts_pair  # noqa: E402
-from lib.trainers.point_trainer import PointTrainConfig, PointTrainer  # noqa: E402
+from .conftest import DATA
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -27,23 +27,65 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[s
     return [k for k, v in module.named_parameters() if not torch.equal(before[k], v.detach())]
 
 
-@pytest.mark.skipif(not (DATA / "sts" / "STS_001_ct.nii.gz").is_file(), reason="needs ../shared/data")
-def test_two_point_steps_train_point_head_only() -> None:
-    random.seed(0)
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def sarcoma_crop():  # type: ignore[no-untyped-def]
     labels = load_label_dictionary()
     vol = load_volume("STS_001", sts_pair(DATA, "STS_001"), remap_lookup({1: SARCOMA_ID}), labels.preprocessing)
-    _, image, label = VolumeSampler([vol], patch_size_for("small"), seed=0, weights=[1.0]).sample()
-    assert image.shape == (1, 1, 96, 96, 96) and (label == SARCOMA_ID).any()
+    return VolumeSampler([vol], (64, 64, 64), seed=0).sample()
 
+
+def test_point_steps_train_point_branch_only(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
+    random.seed(0)
+    crop = sarcoma_crop
+    assert crop.image.shape == (1, 1, 64, 64, 64) and (crop.label == SARCOMA_ID).any()
+    assert crop.label_set == [SARCOMA_ID] and crop.volume_label_set == [SARCOMA_ID]
     network = build_network("small")
-    trainer = PointTrainer(network, None, PointTrainConfig(rounds=2, special=labels.special), seed=0)  # type: ignore[arg-type]
-    trainer.optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-3)
+    trainer = PointTrainer(network, PointTrainConfig(rounds=2), lr=1e-3, seed=0)
     point_before, class_before = _snapshot(network.point_head), _snapshot(network.class_head)
-
-    losses = [trainer.step(image, label, vol.label_set) for _ in range(2)]
-
-    assert all(loss is not None and torch.isfinite(torch.tensor(loss)) for loss in losses), losses
+    losses = [trainer.step(crop) for _ in range(2)]
+    assert all(loss is not None and np.isfinite(loss) for loss in losses), losses
     assert _changed(point_before, network.point_head), "point head did not change"
     assert not _changed(class_before, network.class_head), "class head changed"
-    assert not any(p.requires_grad for p in network.class_head.parameters())
+
+
+def test_frozen_encoder_stays_put(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
+    network = build_network("small")
+    trainer = PointTrainer(network, PointTrainConfig(rounds=1, train_encoder=False), lr=1e-3)
+    before = _snapshot(network.image_encoder)
+    assert trainer.step(sarcoma_crop) is not None
+    assert not _changed(before, network.image_encoder)
+
+
+def test_auto_step_trains_class_head_only(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
+    """The sarcoma id is no class-head class: the step is skipped. With liver (1) it trains."""
+    network = build_network("small")
+    trainer = AutoTrainer(network, lr=1e-3)
+    assert trainer.step(sarcoma_crop) is None
+    crop = sarcoma_crop
+    liver = type(crop)(crop.volume, crop.image, (crop.label > 0).long(), [1], [1])
+    point_before, class_before = _snapshot(network.point_head), _snapshot(network.class_head)
+    assert trainer.step(liver) is not None
+    assert _changed(class_before, network.class_head) and not _changed(point_before, network.point_head)
+
+
+def test_supervoxels_become_zero_shot_objects() -> None:
+    """A grid of 8 cubic supervoxels, one organ (id 5) filling one cube."""
+    sv = torch.zeros(1, 1, 32, 32, 32, dtype=torch.int32)
+    for n, (i, j, k) in enumerate(np.ndindex(2, 2, 2)):
+        sv[..., 16 * i : 16 * i + 16, 16 * j : 16 * j + 16, 16 * k : 16 * k + 16] = n + 1
+    label = torch.zeros(1, 1, 32, 32, 32, dtype=torch.long)
+    label[..., :16, :16, :16] = 5
+    cfg = SupervoxelSampling(new_object_prob=1.0, edit_object_prob=0.0, max_new=2, max_merge=1, min_voxels=100)
+    out, ids = add_supervoxel_objects(label, sv, [5], cfg, np.random.default_rng(0))
+    new = [i for i in ids if i != 5]
+    assert 5 in ids and new and all(ZERO_SHOT_FIRST <= i <= ZERO_SHOT_LAST for i in new)
+    for i in new:  # each new object is exactly one unlabelled supervoxel
+        mask = (out == i)[0, 0].numpy()
+        assert mask.sum() == 16**3 and len(np.unique(sv[0, 0].numpy()[mask])) == 1
+        assert not (label[0, 0].numpy()[mask] > 0).any()
+    assert torch.equal(label, label.clone()) and (label == 5).sum() == 16**3, "the input was modified"
+
+    edit = SupervoxelSampling(new_object_prob=0.0, edit_object_prob=1.0, min_voxels=100)
+    out, ids = add_supervoxel_objects(label, sv, [5], edit, np.random.default_rng(1))
+    assert 5 not in ids and len(ids) == 1, "the organ is replaced by its edited version"
+    assert (out == ids[0]).sum() == 2 * 16**3, "organ plus one adjacent supervoxel"

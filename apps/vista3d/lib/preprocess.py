@@ -8,6 +8,7 @@ coordinates; :mod:`.geometry` maps clicks and results through it. The trainers b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 from monai.data import MetaTensor
@@ -20,10 +21,10 @@ __all__ = ["preprocess", "preprocess_transforms"]
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def preprocess_transforms(pre: Preprocessing, label_key: str | None = None) -> list[Any]:
-    """The bundle's preprocessing of ``image`` (channel first, in HU); a label follows with nearest resampling."""
-    keys = ["image"] if label_key is None else ["image", label_key]
-    modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
+def preprocess_transforms(pre: Preprocessing, label_keys: Sequence[str] = ()) -> list[Any]:
+    """The bundle's preprocessing of ``image`` (channel first, in HU); label maps follow with nearest resampling."""
+    keys = ["image", *label_keys]
+    modes = ["bilinear"] + ["nearest"] * len(label_keys)
     lo, hi = pre.hu_window
     return [
         ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
+from .atomic import write_json
 from .labels import ZERO_SHOT_FIRST, ZERO_SHOT_LAST
 
 __all__ = ["ZeroShotRegistry"]
@@ -58,7 +57,4 @@ class ZeroShotRegistry:
         if self._path is None:
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._ids, f, indent=1, sort_keys=True)
-        os.replace(tmp, self._path)
+        write_json(self._path, dict(sorted(self._ids.items())))

@@ -1,8 +1,8 @@
-"""Training data for the point branch: the inference preprocessing as dictionary transforms, label-id
-mapping to VISTA3D's global ids, an in-memory cache of preprocessed volumes, and random 96³ crops.
+"""Training data: the inference preprocessing as dictionary transforms, label-id mapping to VISTA3D's
+global ids, an in-memory cache of preprocessed volumes, and random object-centred crops.
 
 The image ops are :func:`lib.preprocess.preprocess_transforms`, the server's own, so a network trained
-here sees what the server feeds it; the label follows the image with nearest-neighbour resampling.
+here sees what the server feeds it; labels and supervoxels follow with nearest-neighbour resampling.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandCropByPosNegLabeld, SpatialPadd
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
+from ..engine import pad_to_patch
 from ..labels import ZERO_SHOT_FIRST, LabelDictionary, Preprocessing
 from ..preprocess import preprocess_transforms
+from .supervoxel_objects import SupervoxelSampling, add_supervoxel_objects
 
 __all__ = [
     "SARCOMA_ID",
     "TOTALSEG_V2_NAMES",
     "CachedVolume",
+    "Crop",
     "VolumeSampler",
     "load_transforms",
     "load_volume",
@@ -59,22 +62,30 @@ TOTALSEG_V2_NAMES: dict[int, str] = {
 
 @dataclass
 class CachedVolume:
-    """A preprocessed case held in memory: image [1,h,w,d] float32 in [0,1], label [1,h,w,d] global ids."""
+    """A preprocessed case held in memory.
+
+    Attributes:
+        image: [1, h, w, d] float32 in [0, 1].
+        label: [1, h, w, d] int16 global ids (all 0 for a CT that only contributes supervoxels).
+        label_set: the ids present in ``label``.
+        supervoxels: [1, h, w, d] int32 supervoxel ids, or None.
+    """
 
     name: str
     image: torch.Tensor
     label: torch.Tensor
     label_set: list[int] = field(default_factory=list)
+    supervoxels: torch.Tensor | None = None
 
 
-def load_transforms(pre: Preprocessing) -> Compose:
-    """Load image+label and apply the inference preprocessing (label resampled with nearest)."""
-    keys = ["image", "label"]
+def load_transforms(pre: Preprocessing, label_keys: Sequence[str] = ("label",)) -> Compose:
+    """Load image and label maps, and apply the inference preprocessing (label maps resampled with nearest)."""
+    keys = ["image", *label_keys]
     return Compose(
         [
             LoadImaged(keys=keys, image_only=True),
             EnsureChannelFirstd(keys=keys),
-            *preprocess_transforms(pre, label_key="label"),
+            *preprocess_transforms(pre, label_keys=label_keys),
         ]
     )
 
@@ -105,35 +116,83 @@ def sts_pair(root: str | Path, case: str) -> dict[str, str]:
     return {"image": str(base / f"{case}_ct.nii.gz"), "label": str(base / f"{case}_gtv.nii.gz")}
 
 
+def _array(x: object) -> np.ndarray:
+    return np.asarray(x.array if hasattr(x, "array") else x)
+
+
 def load_volume(name: str, pair: Mapping[str, str], lookup: np.ndarray, pre: Preprocessing) -> CachedVolume:
-    """Preprocess one case and map its labels to global ids through ``lookup``."""
-    data = load_transforms(pre)(dict(pair))
-    raw = np.asarray(data["label"].array if hasattr(data["label"], "array") else data["label"])
-    label = torch.from_numpy(lookup[np.rint(raw).astype(np.int64).clip(0, len(lookup) - 1)])
-    image = torch.as_tensor(np.asarray(data["image"].array), dtype=torch.float32)
+    """Preprocess one case: ``pair`` has ``image`` and optionally ``label`` (mapped to global ids through
+    ``lookup``) and ``supervoxels``."""
+    label_keys = [k for k in ("label", "supervoxels") if k in pair]
+    data = load_transforms(pre, label_keys)(dict(pair))
+    image = torch.as_tensor(_array(data["image"]), dtype=torch.float32)
+    if "label" in data:
+        raw = np.rint(_array(data["label"])).astype(np.int64).clip(0, len(lookup) - 1)
+        label = torch.from_numpy(lookup[raw])
+    else:
+        label = torch.zeros(image.shape, dtype=torch.int16)
+    sv = torch.from_numpy(np.rint(_array(data["supervoxels"])).astype(np.int32)) if "supervoxels" in data else None
     ids = sorted(int(i) for i in torch.unique(label).tolist() if i != 0)
-    logger.info("Cached %s: %s, %d classes", name, tuple(image.shape[1:]), len(ids))
-    return CachedVolume(name=name, image=image.contiguous(), label=label.contiguous(), label_set=ids)
+    logger.info(
+        "Cached %s: %s, %d classes%s", name, tuple(image.shape[1:]), len(ids), ", supervoxels" * (sv is not None)
+    )
+    return CachedVolume(name, image.contiguous(), label.contiguous(), ids, sv)
+
+
+@dataclass
+class Crop:
+    """One training crop: image [1,1,p,p,p], label [1,1,p,p,p] long global ids, the ids in the crop to
+    prompt, and all ids the volume is labelled with (a class absent from the crop is known to be absent)."""
+
+    volume: str
+    image: torch.Tensor
+    label: torch.Tensor
+    label_set: list[int]
+    volume_label_set: list[int]
 
 
 class VolumeSampler:
-    """Random foreground-centred crops of cached volumes, reproducible from a seed."""
+    """Random object-centred crops of cached volumes, reproducible from a seed.
 
-    def __init__(self, volumes: Sequence[CachedVolume], patch: Sequence[int], seed: int, weights: Sequence[float]):
+    A crop is centred on a random labelled voxel (a random supervoxel voxel in volumes without
+    labels), then shifted to lie inside the volume. With ``supervoxel_sampling`` the crop's label
+    gets supervoxel objects (:mod:`.supervoxel_objects`).
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[CachedVolume],
+        patch: Sequence[int],
+        seed: int,
+        weights: Sequence[float] | None = None,
+        supervoxel_sampling: SupervoxelSampling | None = None,
+    ):
         self.volumes = list(volumes)
+        self.patch = tuple(int(p) for p in patch)
         self.rng = np.random.default_rng(seed)
-        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-        self.pad = SpatialPadd(keys=["image", "label"], spatial_size=tuple(patch))
-        self.crop = RandCropByPosNegLabeld(
-            keys=["image", "label"], label_key="label", spatial_size=tuple(patch), pos=1.0, neg=0.0, num_samples=1
-        )
-        self.crop.set_random_state(seed=seed)
+        w = np.ones(len(self.volumes)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+        self.sv = supervoxel_sampling
+        self._centres = [self._foreground(v) for v in self.volumes]
 
-    def sample(self) -> tuple[CachedVolume, torch.Tensor, torch.Tensor]:
-        """(volume, image [1,1,p,p,p], label [1,1,p,p,p] long) of one random crop."""
-        vol = self.volumes[int(self.rng.choice(len(self.volumes), p=self.weights))]
-        data = self.pad({"image": vol.image, "label": vol.label})
-        out = self.crop(data)[0]
-        image = torch.as_tensor(out["image"]).float().unsqueeze(0)
-        label = torch.as_tensor(out["label"]).long().unsqueeze(0)
-        return vol, image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+    def _foreground(self, vol: CachedVolume) -> np.ndarray:
+        source = vol.label if vol.label_set or vol.supervoxels is None else vol.supervoxels
+        voxels = np.argwhere(source[0].numpy() > 0)
+        if len(voxels) == 0:
+            raise ValueError(f"{vol.name}: nothing to train on (no labels and no supervoxels)")
+        return voxels
+
+    def sample(self) -> Crop:
+        index = int(self.rng.choice(len(self.volumes), p=self.weights))
+        vol, centres = self.volumes[index], self._centres[index]
+        centre = centres[int(self.rng.integers(len(centres)))]
+        image = pad_to_patch(vol.image, self.patch)
+        size = image.shape[1:]
+        start = [int(np.clip(c - p // 2, 0, s - p)) for c, s, p in zip(centre, size, self.patch, strict=True)]
+        sl = (slice(None), *(slice(a, a + p) for a, p in zip(start, self.patch, strict=True)))
+        label = pad_to_patch(vol.label, self.patch)[sl].long()[None]
+        label_set = [i for i in vol.label_set if (label == i).any()]
+        if self.sv is not None and vol.supervoxels is not None:
+            sv = pad_to_patch(vol.supervoxels, self.patch)[sl][None]
+            label, label_set = add_supervoxel_objects(label, sv, label_set, self.sv, self.rng)
+        return Crop(vol.name, image[sl][None].contiguous(), label.contiguous(), label_set, vol.label_set)

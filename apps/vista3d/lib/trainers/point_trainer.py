@@ -9,14 +9,14 @@ false-positive region, as an annotator correcting the result would. The DiceCE l
 are summed. The encoder runs once per step (its features are shared by the rounds), and the clicks
 are derived from detached predictions, so a round costs one point-head forward/backward only.
 
-The class head (automatic branch) is frozen: the starter weights and the continual-learning loop
-only teach the point branch.
+The class head (automatic branch) is frozen: this trainer only teaches the point branch. The encoder
+trains too unless ``train_encoder`` is off (then the automatic branch cannot change at all).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,9 @@ from monai.losses import DiceCELoss
 from monai.networks.nets.vista3d import VISTA3D
 from scipy import ndimage
 
-__all__ = ["PointTrainConfig", "PointTrainer", "Prompts", "error_click", "freeze_class_head", "initial_prompts"]
+from .data import Crop
+
+__all__ = ["PointTrainConfig", "PointTrainer", "Prompts", "error_click", "freeze_for_point_training", "initial_prompts"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class PointTrainConfig:
             (what an annotator clicks) rather than a random voxel of it.
         special: class ids whose clicks use labels 2/3.
         grad_clip: max gradient norm (from scratch, early steps can spike).
+        train_encoder: whether the shared image encoder learns as well (off: only the point head).
     """
 
     rounds: int = 3
@@ -53,6 +56,7 @@ class PointTrainConfig:
     centre_click_prob: float = 0.5
     special: frozenset[int] = frozenset({23, 24, 25, 26, 27, 57, 128})
     grad_clip: float = 1.0
+    train_encoder: bool = True
 
 
 @dataclass
@@ -64,10 +68,14 @@ class Prompts:
     classes: torch.Tensor
 
 
-def freeze_class_head(network: VISTA3D) -> list[torch.nn.Parameter]:
-    """Freeze the class head; return the parameters left to train (encoder + point head)."""
-    for p in network.class_head.parameters():
-        p.requires_grad_(False)
+def freeze_for_point_training(network: VISTA3D, train_encoder: bool) -> list[torch.nn.Parameter]:
+    """Freeze the class head (and the encoder unless trained); return the parameters left to train."""
+    for p in network.parameters():
+        p.requires_grad_(True)
+    frozen = [network.class_head] if train_encoder else [network.class_head, network.image_encoder]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
     return [p for p in network.parameters() if p.requires_grad]
 
 
@@ -135,13 +143,21 @@ def correction_clicks(
 class PointTrainer:
     """Optimises encoder + point head of a VISTA3D network with simulated click sessions."""
 
-    def __init__(self, network: VISTA3D, optimizer: torch.optim.Optimizer, config: PointTrainConfig, seed: int = 0):
+    def __init__(
+        self,
+        network: VISTA3D,
+        config: PointTrainConfig,
+        lr: float,
+        seed: int = 0,
+        grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    ):
         self.network = network
-        self.optimizer = optimizer
+        self.grad_sync = grad_sync  # averages gradients over processes (see .distributed)
         self.config = config
         self.rng = np.random.default_rng(seed)
         self.loss_fn = DiceCELoss(sigmoid=True)
-        freeze_class_head(network)
+        self.params = freeze_for_point_training(network, config.train_encoder)
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
 
     def targets(self, label: torch.Tensor, prompts: Prompts) -> torch.Tensor:
         """Binary masks [B,1,H,W,D] of the prompted classes."""
@@ -157,20 +173,20 @@ class PointTrainer:
                 prompts = correction_clicks(prompts, logits, target, self.config, self.rng)
         return total
 
-    def step(self, image: torch.Tensor, label: torch.Tensor, label_set: Sequence[int]) -> float | None:
-        """One optimiser step on a crop (image [1,1,p,p,p], label [1,1,p,p,p] global ids).
-
-        Returns the summed loss, or None when the crop holds no object of ``label_set`` (step skipped).
-        """
-        prompts = initial_prompts(label, label_set, self.config)
+    def step(self, crop: Crop) -> float | None:
+        """One optimiser step on a crop; the summed loss, or None when the crop has no object (skipped)."""
+        image, label = crop.image, crop.label
+        prompts = initial_prompts(label, crop.label_set, self.config)
         if prompts is None:
             return None
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        feats, _ = self.network.image_encoder(image, with_point=True, with_label=False)
+        with torch.set_grad_enabled(self.config.train_encoder):
+            feats, _ = self.network.image_encoder(image, with_point=True, with_label=False)
         loss = self.session_loss(feats, prompts, self.targets(label, prompts))
         loss.backward()
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if self.grad_sync is not None:
+            self.grad_sync(self.params)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
         return float(loss.detach())

@@ -1,0 +1,106 @@
+"""The simulated annotator: where a person clicks next, and clicks-to-Dice through the server's own path.
+
+The promotion gate, the learning-curve and zero-shot benchmarks all score a model the same way: a
+first positive click at the object's deepest voxel, then a click at the centre of the largest
+error region (positive for missed foreground, negative for a false positive), each answered by
+:func:`lib.segment.segment_points` exactly as a click from OHIF or Slicer is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .engine import Engine, pad_to_patch
+from .prompts import PointPrompt
+from .segment import segment_points
+from .sessions import ImageState
+
+__all__ = [
+    "clicks_to_dice",
+    "deepest_voxel",
+    "dice",
+    "evaluate_clicks",
+    "mean_at",
+    "model_grid_state",
+    "next_click",
+]
+
+STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def deepest_voxel(mask: np.ndarray) -> np.ndarray:
+    """The voxel farthest from the mask's boundary: where an annotator clicks."""
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    return np.asarray(np.unravel_index(int(np.argmax(dist)), mask.shape))
+
+
+def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """A click at the centre of the largest error region: positive on missed foreground, else negative."""
+    best: tuple[int, np.ndarray, bool] | None = None
+    for region, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
+        labelled, n = ndimage.label(region, structure=STRUCTURE_26)
+        if n == 0:
+            continue
+        sizes = np.bincount(labelled.ravel())[1:]
+        k = int(np.argmax(sizes))
+        if best is None or sizes[k] > best[0]:
+            best = (int(sizes[k]), labelled == k + 1, positive)
+    if best is None:
+        return None
+    return deepest_voxel(best[1]), best[2]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def model_grid_state(image: torch.Tensor, patch: Sequence[int]) -> ImageState:
+    """A session state whose "original" grid is the model grid: clicks then map one to one."""
+    eye = np.eye(4)
+    return ImageState(
+        image=pad_to_patch(image, patch),
+        model_affine=eye,
+        original_affine=eye,
+        original_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
+    )
+
+
+def clicks_to_dice(engine: Engine, state: ImageState, truth: np.ndarray, class_id: int, clicks: int) -> list[float]:
+    """Dice of the object after each of ``clicks`` simulated clicks (a fresh session per call)."""
+    result = np.zeros(state.original_shape, dtype=np.int16)
+    state.clicks.pop(class_id, None)
+    points: list[np.ndarray] = [deepest_voxel(truth)]
+    positive: list[bool] = [True]
+    scores: list[float] = []
+    for _ in range(clicks):
+        prompt = PointPrompt(np.stack(points).astype(np.int64), np.asarray(positive), class_id)
+        result, _ = segment_points(engine, state, prompt, result)
+        prediction = result == class_id
+        scores.append(dice(prediction, truth))
+        click = next_click(prediction, truth)
+        if click is None:  # perfect: later clicks change nothing
+            scores.extend([scores[-1]] * (clicks - len(scores)))
+            break
+        points.append(click[0])
+        positive.append(click[1])
+    return scores
+
+
+def evaluate_clicks(
+    engine: Engine, cases: Sequence[tuple[str, torch.Tensor, np.ndarray]], class_id: int, clicks: int
+) -> dict[str, list[float]]:
+    """Clicks-to-Dice per case: ``cases`` are (name, preprocessed image [1,h,w,d], truth [h,w,d] bool)."""
+    return {
+        name: clicks_to_dice(engine, model_grid_state(image, engine.patch), truth, class_id, clicks)
+        for name, image, truth in cases
+    }
+
+
+def mean_at(per_case: dict[str, list[float]], clicks: Sequence[int]) -> dict[str, float]:
+    """Mean Dice over cases after each of ``clicks`` (1-based), as ``{"dice_1": ...}``."""
+    return {f"dice_{k}": round(float(np.mean([v[k - 1] for v in per_case.values()])), 4) for k in clicks}

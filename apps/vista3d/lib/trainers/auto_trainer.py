@@ -1,0 +1,68 @@
+"""One training step of VISTA3D's automatic (class-prompted) branch on partially labelled crops.
+
+Only the class head learns: the encoder and point branch are frozen, so clicks behave exactly as
+before. Labels are partial (a team labels some structures, not all 127), so a step supervises only
+the classes the volume is known to have: those in the crop as foreground, and those absent from
+the crop (but labelled elsewhere in the volume) as empty. A class nobody labelled is never taught
+to be background.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets.vista3d import VISTA3D
+
+from .data import Crop
+
+LAST_CLASS = 132  # ids above read the zero-shot token; the class head has no embedding for them
+
+__all__ = ["AutoTrainer", "freeze_for_auto_training"]
+
+
+def freeze_for_auto_training(network: VISTA3D) -> list[torch.nn.Parameter]:
+    """Freeze everything but the class head; return its parameters."""
+    for p in network.parameters():
+        p.requires_grad_(False)
+    for p in network.class_head.parameters():
+        p.requires_grad_(True)
+    return list(network.class_head.parameters())
+
+
+class AutoTrainer:
+    """Optimises the class head with sigmoid DiceCE per supervised class."""
+
+    def __init__(self, network: VISTA3D, lr: float, max_classes: int = 8):
+        self.network = network
+        self.max_classes = max_classes
+        self.loss_fn = DiceCELoss(sigmoid=True)
+        self.params = freeze_for_auto_training(network)
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
+
+    def classes_for(self, crop: Crop) -> list[int]:
+        """Present classes first, then a few known-absent ones, at most ``max_classes``."""
+        present = [c for c in crop.label_set if c <= LAST_CLASS]
+        absent = [c for c in crop.volume_label_set if c not in present and c <= LAST_CLASS]
+        random.shuffle(present)
+        random.shuffle(absent)
+        return (present + absent[: max(1, len(present) // 2)])[: self.max_classes]
+
+    def step(self, crop: Crop) -> float | None:
+        """One optimiser step; None when the crop's volume has no class to supervise."""
+        classes = self.classes_for(crop)
+        if not classes:
+            return None
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            _, features = self.network.image_encoder(crop.image, with_point=False, with_label=True)
+        class_vector = torch.tensor(classes).unsqueeze(1)
+        logits, _ = self.network.class_head(features, class_vector)
+        target = torch.cat([(crop.label == c).float() for c in classes], dim=0)
+        loss = self.loss_fn(logits, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return float(loss.detach())

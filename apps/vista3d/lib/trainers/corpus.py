@@ -1,0 +1,85 @@
+"""The real CT the project trains and benchmarks on (``../shared/data``), as cached training volumes.
+
+* the abdominal scan with its TotalSegmentator organ labels mapped to VISTA3D ids;
+* sarcoma cases (``X_ct.nii.gz`` + ``X_gtv.nii.gz``), the tumour as a zero-shot id, or as CT only;
+* low-level supervoxels of any CT, computed once and cached as NIfTI beside the other cached files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import cast
+
+import nibabel as nib
+import numpy as np
+
+from ..labels import LabelDictionary
+from ..supervoxels.slic import LOWLEVEL_CONFIG, lowlevel_features, supervoxels_from_features
+from .data import SARCOMA_ID, CachedVolume, load_volume, remap_lookup, totalseg_lookup
+
+__all__ = ["ABDOMEN", "abdomen_volume", "case_names", "lowlevel_supervoxels", "sarcoma_volume"]
+
+logger = logging.getLogger(__name__)
+
+ABDOMEN = ("totalseg/example_ct.nii.gz", "totalseg/example_seg_fast_force_split.nii.gz")
+
+
+def case_names(folder: Path) -> list[str]:
+    """Cases of a folder laid out like ``sts/``: every ``X_ct.nii.gz`` that has an ``X_gtv.nii.gz``."""
+    names = sorted(p.name[: -len("_ct.nii.gz")] for p in folder.glob("*_ct.nii.gz"))
+    return [n for n in names if (folder / f"{n}_gtv.nii.gz").is_file()]
+
+
+def lowlevel_supervoxels(image: Path, cache: Path) -> Path:
+    """The cached low-level supervoxel map of ``image`` (computed on first use, written atomically)."""
+    out = cache / image.name.replace(".nii.gz", "_sv.nii.gz")
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    img = cast(nib.Nifti1Image, nib.load(str(image)))
+    hu = np.asarray(img.dataobj, dtype=np.float32)
+    sv = supervoxels_from_features(lowlevel_features(hu), hu, LOWLEVEL_CONFIG)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".nii.gz")
+    os.close(fd)
+    try:
+        nib.save(nib.Nifti1Image(sv.astype(np.int32), img.affine), tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    info = {"mode": "lowlevel", "segments": int(len(np.unique(sv)) - 1), "seconds": time.perf_counter() - start}
+    out.with_suffix("").with_suffix(".json").write_text(json.dumps(info))
+    logger.info("lowlevel supervoxels of %s: %d segments in %.1f s", image.name, info["segments"], info["seconds"])
+    return out
+
+
+def abdomen_volume(data: Path, labels: LabelDictionary, supervoxel_cache: Path | None = None) -> CachedVolume:
+    """The TotalSegmentator abdominal scan with its organs (and optionally supervoxels)."""
+    pair = {"image": str(data / ABDOMEN[0]), "label": str(data / ABDOMEN[1])}
+    if supervoxel_cache is not None:
+        pair["supervoxels"] = str(lowlevel_supervoxels(data / ABDOMEN[0], supervoxel_cache))
+    return load_volume("abdomen", pair, totalseg_lookup(labels), labels.preprocessing)
+
+
+def sarcoma_volume(
+    folder: Path,
+    case: str,
+    labels: LabelDictionary,
+    with_label: bool = True,
+    supervoxel_cache: Path | None = None,
+    label_id: int = SARCOMA_ID,
+) -> CachedVolume:
+    """A sarcoma case: the tumour as ``label_id``, or the CT alone (``with_label=False``)."""
+    image = folder / f"{case}_ct.nii.gz"
+    pair = {"image": str(image)}
+    if with_label:
+        pair["label"] = str(folder / f"{case}_gtv.nii.gz")
+    if supervoxel_cache is not None:
+        pair["supervoxels"] = str(lowlevel_supervoxels(image, supervoxel_cache))
+    return load_volume(case, pair, remap_lookup({1: label_id}), labels.preprocessing)

@@ -1,0 +1,87 @@
+"""From-scratch recipes on the shared real CT: the starter weights and the zero-shot ablation's arms.
+
+``organs``: the point branch learns from the abdominal scan's organ labels only. ``lowlevel``: the
+same plus low-level supervoxels of every CT in the data folder as extra objects (no sarcoma label is
+used). ``tools/train_starter.py`` and ``bench/zeroshot.py`` both train through :func:`train_point_recipe`,
+so the starter's point branch is the ablation's ``lowlevel`` arm, step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.networks.nets.vista3d import VISTA3D
+from tqdm import tqdm
+
+from ..labels import load_label_dictionary
+from ..model import build_network
+from .auto_trainer import AutoTrainer
+from .corpus import abdomen_volume, case_names, sarcoma_volume
+from .data import CachedVolume, VolumeSampler
+from .point_trainer import PointTrainConfig, PointTrainer
+from .schedule import TrainStats, run_steps, seed_everything
+from .supervoxel_objects import SupervoxelSampling
+
+__all__ = ["MODES", "RecipeConfig", "recipe_volumes", "train_auto_recipe", "train_point_recipe"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("organs", "lowlevel")
+PRESET = "small"
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Steps, seed and data of a from-scratch run (every ablation arm shares them)."""
+
+    data: Path
+    cache: Path
+    steps: int = 600
+    crop: int = 64
+    lr: float = 1e-3
+    warmup: int = 30
+    seed: int = 0
+    abdomen_share: float = 0.3
+    max_minutes: float | None = None
+
+
+def recipe_volumes(config: RecipeConfig, mode: str) -> tuple[list[CachedVolume], list[float]]:
+    """The abdominal organs; with supervoxels, plus every sarcoma CT as unlabelled CT."""
+    labels = load_label_dictionary()
+    if mode == "organs":
+        return [abdomen_volume(config.data, labels)], [1.0]
+    if mode != "lowlevel":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    abdomen = abdomen_volume(config.data, labels, config.cache)
+    cts = [
+        sarcoma_volume(config.data / "sts", c, labels, with_label=False, supervoxel_cache=config.cache)
+        for c in tqdm(case_names(config.data / "sts"), desc="supervoxels", file=sys.stderr)
+    ]
+    share = (1 - config.abdomen_share) / len(cts)
+    return [abdomen, *cts], [config.abdomen_share] + [share] * len(cts)
+
+
+def train_point_recipe(config: RecipeConfig, mode: str) -> tuple[VISTA3D, TrainStats]:
+    """Encoder + point head from a seeded random initialisation."""
+    labels = load_label_dictionary()
+    volumes, weights = recipe_volumes(config, mode)
+    seed_everything(config.seed)
+    network = build_network(PRESET)
+    trainer = PointTrainer(network, PointTrainConfig(special=labels.special), lr=config.lr, seed=config.seed)
+    sv = SupervoxelSampling() if mode != "organs" else None
+    sampler = VolumeSampler(volumes, (config.crop,) * 3, config.seed, weights, sv)
+    max_s = 60 * config.max_minutes if config.max_minutes else None
+    stats = run_steps(trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s)
+    return network, stats
+
+
+def train_auto_recipe(network: VISTA3D, config: RecipeConfig, steps: int, lr: float = 1e-3) -> TrainStats:
+    """The class head on the abdominal scan's organ labels (encoder and point branch frozen)."""
+    labels = load_label_dictionary()
+    seed_everything(config.seed)
+    trainer = AutoTrainer(network, lr=lr)
+    sampler = VolumeSampler([abdomen_volume(config.data, labels)], (config.crop,) * 3, config.seed)
+    return run_steps(trainer, sampler, steps, max(1, steps // 10), desc="train[auto]")
