@@ -62,10 +62,11 @@ def _wait_for_info(url: str, proc: subprocess.Popen, log: Path, timeout: float =
 class Server:
     """A running ``monailabel start_server`` with this app."""
 
-    def __init__(self, url: str, studies: Path, log: Path) -> None:
+    def __init__(self, url: str, studies: Path, log: Path, pid: int) -> None:
         self.url = url
         self.studies = studies
         self.log = log
+        self.pid = pid
 
     def log_text(self) -> str:
         return self.log.read_text()
@@ -93,13 +94,17 @@ def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def running_server(studies: str, log: Path, weights: Path, **env: str) -> Iterator[Server]:
+def running_server(
+    studies: str, log: Path, weights: Path, conf: dict[str, str] | None = None, **env: str
+) -> Iterator[Server]:
     """``monailabel start_server`` with this app on a free loopback port; stopped on exit."""
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     full_env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **env)
     cmd = [str(bin_dir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", studies]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "weights", str(weights)]
+    for key, value in (conf or {}).items():
+        cmd += ["--conf", key, value]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
@@ -107,7 +112,7 @@ def running_server(studies: str, log: Path, weights: Path, **env: str) -> Iterat
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_info(url, proc, log)
-        yield Server(url, Path(studies), log)
+        yield Server(url, Path(studies), log, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -119,5 +124,7 @@ def running_server(studies: str, log: Path, weights: Path, **env: str) -> Iterat
 @pytest.fixture(scope="session")
 def server(studies: Path, test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real MONAI Label server with this app over the temporary datastore."""
-    with running_server(str(studies), tmp_path_factory.mktemp("server") / "server.log", test_weights) as running:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # The learning loop is tested on servers of its own (test_learning_server.py).
+    with running_server(str(studies), log, test_weights, conf={"train_trigger": "0"}) as running:
         yield running

@@ -19,6 +19,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
@@ -29,9 +30,12 @@ from lib.engine import Engine
 from lib.imageio import warm_up_writer
 from lib.infers.vista3d import Vista3DInfer
 from lib.labels import load_label_dictionary
+from lib.loop import LearningLoop, pending_labels
 from lib.model import load_model, patch_size_for, resolve_device
+from lib.model_store import ModelReloader, ModelStore
 from lib.sessions import SessionStore
 from lib.settings import Settings
+from lib.trainers.tasks import AutoTrainTask, PointTrainTask
 from lib.zero_shot import ZeroShotRegistry
 
 logger = logging.getLogger(__name__)
@@ -50,6 +54,8 @@ class MyApp(MONAILabelApp):
         device = resolve_device(self.settings.device)
         logger.info("VISTA3D app: %s (torch threads %d)", self.settings, torch.get_num_threads())
         self.model = load_model(self.settings.preset, self.settings.weights, self.model_dir, device)
+        self.store = ModelStore(self.settings.model_store or self._state_dir(studies) / "models")
+        self.reloader = ModelReloader(self.model, self.store)  # serves the latest promoted version
         self.engine = Engine(
             self.model,
             patch=patch_size_for(self.settings.preset),
@@ -60,6 +66,7 @@ class MyApp(MONAILabelApp):
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
         warm_up_writer()
         self.registry = ZeroShotRegistry(self._state_dir(studies) / "zero_shot_labels.json")
+        self.loop: LearningLoop | None = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -87,7 +94,35 @@ class MyApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {MODEL_NAME: Vista3DInfer(self.engine, self.dictionary, self.registry, self.sessions_store)}
+        return {
+            MODEL_NAME: Vista3DInfer(self.engine, self.dictionary, self.registry, self.sessions_store, self.reloader)
+        }
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        studies = None if self.studies.startswith(("http://", "https://")) else self.studies
+        args = (self.settings, self.model, self.store, self.dictionary, studies)
+        return {"point": PointTrainTask(*args), "auto": AutoTrainTask(*args)}
+
+    def on_init_complete(self) -> None:
+        """Start the learning loop (server process only; training subprocesses never get here)."""
+        super().on_init_complete()
+        self.loop = LearningLoop(
+            self.settings.train_trigger,
+            self.settings.train_debounce_s,
+            pending=lambda: pending_labels(self.datastore(), self.store),
+            start_training=self._start_point_training,
+        )
+        self.loop.on_label_saved()  # labels submitted while the server was down
+
+    def _start_point_training(self) -> bool:
+        """Start a background point round; False when a training is already running."""
+        return self.async_training("point", params={"point": {"trigger": "loop"}}) is not None
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        result = super().on_save_label(image_id, label_id)
+        if self.loop is not None:
+            self.loop.on_label_saved()
+        return result or {}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}

@@ -120,10 +120,12 @@ class LoadedModel:
     weights: str | None
     device: torch.device
     warning: str | None = None
+    served_version: int = 0  # 0: the configured weights; n: the n-th promoted version (see .model_store)
 
     @property
     def version(self) -> str:
-        return f"{self.preset}:{os.path.basename(self.weights) if self.weights else 'random'}"
+        name = os.path.basename(self.weights) if self.weights else "random"
+        return f"{self.preset}:{name}" if self.served_version == 0 else f"{self.preset}:v{self.served_version}"
 
 
 def load_model(preset: str, weights: str, model_dir: str | Path, device: torch.device) -> LoadedModel:

@@ -29,6 +29,16 @@ def _parse_positive_int(key: str, value: str) -> int:
     return n
 
 
+def _parse_number(key: str, value: str, kind: type, minimum: float) -> Any:
+    try:
+        n = kind(value)
+    except ValueError:
+        raise ValueError(f"--conf {key} must be a number, got {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"--conf {key} must be at least {minimum}, got {n}")
+    return n
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the server runs with.
@@ -47,6 +57,17 @@ class Settings:
             float32 (see :class:`.engine.Engine`).
         session_cache_mb: memory budget of the per-image session state (preprocessed image,
             previous result, cached encoder features); least recently used images are dropped.
+        train_trigger: a point-branch fine-tune starts once this many ``final`` labels are new
+            since the last training (0 turns the automatic loop off; ``/train`` still works).
+        train_debounce_s: seconds to wait after the triggering save, so a burst of submits makes
+            one training rather than several.
+        train_threads: torch threads of a training round; defaults to half the cores, so that
+            clicks stay responsive while a round runs.
+        train_steps: optimiser steps of one fine-tuning round (a ``/train`` request may override).
+        promote_tolerance: a candidate replaces the served model unless its validation
+            clicks-to-Dice is worse than the served model's by more than this.
+        model_store: folder of learned versions, the validation split and the manifest; default
+            ``<studies>/.vista3d/models`` (the app's ``model/`` folder for a DICOMweb datastore).
     """
 
     preset: str = "small"
@@ -55,6 +76,12 @@ class Settings:
     threads: int = field(default_factory=_available_cores)
     precision: str = "bf16"
     session_cache_mb: int = 4096
+    train_trigger: int = 5
+    train_debounce_s: float = 30.0
+    train_threads: int = field(default_factory=lambda: max(1, _available_cores() // 2))
+    train_steps: int = 200
+    promote_tolerance: float = 0.01
+    model_store: str = ""
 
     @classmethod
     def from_conf(cls, conf: dict[str, Any]) -> Settings:
@@ -73,8 +100,12 @@ class Settings:
                 if value not in PRECISIONS:
                     raise ValueError(f"--conf precision must be one of {PRECISIONS}, got {value!r}")
                 values[key] = value
-            elif key in ("threads", "session_cache_mb"):
+            elif key in ("threads", "session_cache_mb", "train_steps", "train_threads"):
                 values[key] = _parse_positive_int(key, value)
+            elif key == "train_trigger":
+                values[key] = _parse_number(key, value, int, minimum=0)
+            elif key in ("train_debounce_s", "promote_tolerance"):
+                values[key] = _parse_number(key, value, float, minimum=0.0)
             else:
                 values[key] = value.strip()
         if "weights" not in values:

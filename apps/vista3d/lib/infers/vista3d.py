@@ -20,6 +20,7 @@ from monailabel.transform.writer import Writer
 from ..engine import Engine
 from ..imageio import ImageError, load_label, to_tensor
 from ..labels import LabelDictionary
+from ..model_store import ModelReloader
 from ..prompts import AutoPrompt, PointPrompt, PromptError, parse_prompt
 from ..segment import new_state, segment_auto, segment_points
 from ..sessions import ImageState, SessionStore, state_key
@@ -36,7 +37,12 @@ class Vista3DInfer(InferTask):
     """Validates the request, segments on the cached image state, writes the label file."""
 
     def __init__(
-        self, engine: Engine, labels: LabelDictionary, registry: ZeroShotRegistry, store: SessionStore
+        self,
+        engine: Engine,
+        labels: LabelDictionary,
+        registry: ZeroShotRegistry,
+        store: SessionStore,
+        reloader: ModelReloader | None = None,
     ) -> None:
         super().__init__(
             type="vista3d",
@@ -49,12 +55,15 @@ class Vista3DInfer(InferTask):
         self.dictionary = labels
         self.registry = registry
         self.store = store
+        self.reloader = reloader
 
     def is_valid(self) -> bool:
         return True
 
     def info(self) -> dict[str, Any]:
         info = super().info()
+        if self.reloader is not None:
+            self.reloader.refresh()
         model = self.engine.model
         info["labels"] = {**self.dictionary.served_labels(), **self.registry.as_dict()}
         info["preset"] = model.preset
@@ -64,10 +73,14 @@ class Vista3DInfer(InferTask):
             info["warning"] = model.warning
             info["description"] = f"[RANDOM WEIGHTS] {info['description']}"
         info["zero_shot_labels"] = self.registry.as_dict()
+        if self.reloader is not None:
+            info["learning"] = self.reloader.store.summary()
         return info
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         begin = time.time()
+        if self.reloader is not None:
+            self.reloader.refresh()  # a promoted version is served from the next request on
         try:
             prompt = parse_prompt(request, self.dictionary, self.registry)
         except PromptError as e:

@@ -1,0 +1,95 @@
+"""``/train`` request parameters, parsed and validated once (MONAI Label passes them through as a dict)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..settings import Settings
+
+__all__ = ["TrainRequest"]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One fine-tuning round.
+
+    Attributes:
+        steps: optimiser steps.
+        lr: peak learning rate (linear warm-up over the first tenth, then cosine decay).
+        crop: edge of the cubic training crops; inference windows keep the preset's patch.
+        rounds: click-simulation rounds per point step.
+        train_encoder: whether the point trainer also updates the shared encoder.
+        replay_share: share of steps on labels learned in earlier rounds (the rest on new ones).
+        tolerance: the promotion gate's allowed drop in validation score.
+        clicks: simulated clicks per validation object.
+        seed: seeds crops, prompts and clicks.
+        world_size: training processes (torch.distributed: gloo on CPU, nccl on GPUs).
+        max_minutes: stop early after this long (single process only; reported).
+    """
+
+    steps: int = 200
+    lr: float = 3e-4
+    crop: int = 64
+    rounds: int = 3
+    train_encoder: bool = True
+    replay_share: float = 0.5
+    tolerance: float = 0.01
+    clicks: int = 5
+    seed: int = 0
+    world_size: int = 1
+    max_minutes: float | None = None
+
+    @classmethod
+    def parse(cls, request: dict[str, Any], settings: Settings) -> TrainRequest:
+        """Our keys of ``request`` (others belong to MONAI Label); a bad value raises ValueError naming it."""
+        values: dict[str, Any] = {"steps": settings.train_steps, "tolerance": settings.promote_tolerance}
+        for f in fields(cls):
+            if f.name not in request or request[f.name] is None:
+                continue
+            values[f.name] = _convert(f.name, request[f.name], cls.__dataclass_fields__[f.name].default)
+        req = cls(**values)
+        req.check()
+        return req
+
+    def check(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be at least 1, got {self.steps}")
+        if not 0 < self.lr < 1:
+            problems.append(f"lr must be in (0, 1), got {self.lr}")
+        if self.crop < 32 or self.crop % 16:
+            problems.append(f"crop must be a multiple of 16 of at least 32, got {self.crop}")
+        if not 1 <= self.rounds <= 10:
+            problems.append(f"rounds must be in 1..10, got {self.rounds}")
+        if not 0 <= self.replay_share < 1:
+            problems.append(f"replay_share must be in [0, 1), got {self.replay_share}")
+        if self.tolerance < 0:
+            problems.append(f"tolerance must be >= 0, got {self.tolerance}")
+        if not 1 <= self.clicks <= 20:
+            problems.append(f"clicks must be in 1..20, got {self.clicks}")
+        if self.world_size < 1:
+            problems.append(f"world_size must be at least 1, got {self.world_size}")
+        if problems:
+            raise ValueError("bad train request: " + "; ".join(problems))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    """Values arrive as JSON types or strings (Slicer sends strings)."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad train request: {name} must be a {type(default).__name__}, got {value!r}") from None

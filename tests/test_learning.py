@@ -1,0 +1,191 @@
+"""The continual-learning pieces on their own: split, model store, gate, replay, request, loop, a round."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib.datastore import SafeLocalDatastore
+from lib.labels import load_label_dictionary
+from lib.loop import LearningLoop, pending_labels
+from lib.model import build_network, load_model
+from lib.model_store import ModelReloader, ModelStore
+from lib.settings import Settings
+from lib.trainers.data import CachedVolume
+from lib.trainers.request import TrainRequest
+from lib.trainers.split import ValidationSplit
+from lib.trainers.tasks import PointTrainTask, replay_weights
+from lib.trainers.validation import gate
+
+from .conftest import STS
+
+SARCOMA = 133
+
+
+def test_split_is_persisted_grows_and_never_reshuffles(tmp_path: Path) -> None:
+    split = ValidationSplit(tmp_path / "split.json", fraction=0.2)
+    first = split.update(["a"])
+    assert first.train == ["a"] and first.validation == []
+    second = split.update(["a", "b"])
+    assert second.validation == ["b"] and second.train == ["a"]
+    ids = [chr(ord("a") + i) for i in range(12)]
+    grown = ValidationSplit(tmp_path / "split.json", fraction=0.2).update(list(reversed(ids)))
+    assert grown.train[:1] == ["a"] and grown.validation[:1] == ["b"], "earlier assignments moved"
+    assert set(grown.train) | set(grown.validation) == set(ids) and not set(grown.train) & set(grown.validation)
+    assert len(grown.validation) == round(0.2 * 12)
+    assert ValidationSplit(tmp_path / "split.json").load() == grown
+
+
+def test_store_promotes_atomically_keeps_history_and_rolls_back(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    assert store.served().version == 0 and store.served().file is None
+    net = build_network("small")
+    v1 = store.promote(net, {"score": 0.5}, ["x@1"], {"kind": "point"}, seen=["x@1", "y@1"])
+    v2 = store.promote(net, {"score": 0.6}, ["x@1", "z@2"], {"kind": "point"}, seen=["z@2"])
+    assert (v1.version, v2.version) == (1, 2) and store.served().version == 2
+    assert set(store.manifest()["seen"]) == {"x@1", "y@1", "z@2"}
+    assert not list((tmp_path / "models").glob("*.tmp")) and not list((tmp_path / "models").glob(".*.tmp"))
+    assert store.rollback().version == 1 and store.served().validation == {"score": 0.5}
+    for _ in range(6):
+        store.promote(net, {"score": 0.7}, [], {"kind": "point"}, seen=[])
+    kept = [p.name for p in (tmp_path / "models").glob("v*.pt")]
+    assert len(kept) == 5 and "v1.pt" not in kept, kept
+
+
+def test_reloader_serves_promoted_versions_without_restart(tmp_path: Path) -> None:
+    model = load_model("small", "none", tmp_path, torch.device("cpu"))
+    store = ModelStore(tmp_path / "models")
+    reloader = ModelReloader(model, store)
+    assert not reloader.refresh() and model.version == "small:random"
+    trained = build_network("small")
+    with torch.no_grad():
+        next(trained.parameters()).add_(1.0)
+    store.promote(trained, {"score": 1.0}, [], {}, seen=[])
+    assert reloader.refresh() and model.version == "small:v1" and model.warning is None
+    name, param = next(iter(model.network.named_parameters()))
+    assert torch.allclose(param, trained.state_dict()[name].half().float())
+    assert not reloader.refresh()
+
+
+def test_gate_promotes_within_tolerance_only() -> None:
+    assert gate({"score": 0.80}, {"score": 0.795}, 0.01)[0]
+    assert gate({"score": 0.80}, {"score": 0.90}, 0.0)[0]
+    ok, reason = gate({"score": 0.80}, {"score": 0.70}, 0.01)
+    assert not ok and "worse" in reason
+    assert not gate({"images": []}, {"images": []}, 1.0)[0]
+
+
+def test_replay_gives_new_labels_their_share() -> None:
+    vols = [CachedVolume(n, torch.zeros(1), torch.zeros(1)) for n in ("old1", "old2", "old3", "new")]
+    w = replay_weights(vols, {"new"}, replay_share=0.5)
+    assert w[3] == pytest.approx(0.5) and sum(w[:3]) == pytest.approx(0.5)
+    assert replay_weights(vols, set(), 0.5) == [1.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"lr": "fast"}, "lr must be a float"),
+        ({"crop": 50}, "crop must be a multiple of 16"),
+        ({"train_encoder": "maybe"}, "train_encoder must be a bool"),
+        ({"steps": 2.5}, "steps must be a int"),
+    ],
+)
+def test_bad_train_requests_name_the_problem(request_: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainRequest.parse(request_, Settings.from_conf({}))
+
+
+def test_train_request_defaults_come_from_settings() -> None:
+    req = TrainRequest.parse({"model": "point", "train_encoder": "false"}, Settings.from_conf({"train_steps": "7"}))
+    assert req.steps == 7 and req.train_encoder is False and req.tolerance == 0.01
+
+
+def test_loop_debounces_a_burst_into_one_training() -> None:
+    pending: list[str] = []
+    started: list[float] = []
+    busy = threading.Event()
+
+    def start() -> bool:
+        if busy.is_set():
+            return False
+        started.append(time.time())
+        pending.clear()
+        return True
+
+    loop = LearningLoop(trigger=2, debounce_s=0.3, pending=lambda: list(pending), start_training=start)
+    pending.append("a@1")
+    loop.on_label_saved()
+    time.sleep(0.5)
+    assert not started, "one label must not trigger with trigger=2"
+    for stamp in ("b@1", "c@1", "d@1"):
+        pending.append(stamp)
+        loop.on_label_saved()
+        time.sleep(0.1)
+    time.sleep(0.6)
+    assert len(started) == 1, "a burst of saves must start one training"
+    busy.set()
+    pending.extend(["e@1", "f@1"])
+    loop.on_label_saved()
+    time.sleep(0.5)
+    assert len(started) == 1, "must not start while a training runs"
+    busy.clear()
+    time.sleep(0.5)
+    assert len(started) == 2, "must retry once the running training is done"
+    loop.stop()
+
+
+def _datastore_with_final_labels(root: Path, cases: list[str]) -> SafeLocalDatastore:
+    """Sarcoma CT linked in, GTVs saved as final labels under the zero-shot id 133."""
+    root.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        os.symlink(STS / f"{case}_ct.nii.gz", root / f"{case}.nii.gz")
+    ds = SafeLocalDatastore(str(root), extensions=["*.nii.gz"], auto_reload=False)
+    for case in cases:
+        gtv = nib.load(str(STS / f"{case}_gtv.nii.gz"))
+        label = root.parent / f"{case}_label.nii.gz"
+        nib.save(nib.Nifti1Image((np.asarray(gtv.dataobj) > 0).astype(np.uint8) * SARCOMA, gtv.affine), label)
+        ds.save_label(case, str(label), "final", {})
+    return ds
+
+
+def test_a_round_trains_on_final_labels_and_the_gate_decides(tmp_path: Path, test_weights: Path) -> None:
+    ds = _datastore_with_final_labels(tmp_path / "studies", ["STS_001", "STS_002", "STS_003"])
+    settings = Settings.from_conf({"weights": str(test_weights), "train_steps": "2"})
+    model = load_model("small", str(test_weights), tmp_path, torch.device("cpu"))
+    store = ModelStore(tmp_path / "studies" / ".vista3d" / "models")
+    reloader = ModelReloader(model, store)
+    task = PointTrainTask(settings, model, store, load_label_dictionary(), str(tmp_path / "studies"))
+    assert len(pending_labels(ds, store)) == 3
+
+    # A worse candidate (its score lowered by 0.1) is not promoted; the round is recorded.
+    real_score = task.score
+
+    def worse_candidate(network, items, req):  # type: ignore[no-untyped-def]
+        figures = real_score(network, items, req)
+        return figures if network is model.network else {**figures, "score": figures["score"] - 0.1}
+
+    task.score = worse_candidate  # type: ignore[method-assign]
+    result = task({"tolerance": 0.05, "crop": 64}, ds)
+    assert result["served_validation"]["images"] == ["STS_002"] and result["served_validation"]["objects"] == 1
+    assert result["promoted"] is None and store.served().version == 0 and "worse" in result["reason"]
+    assert not list(store.root.glob("v*.pt"))
+    assert pending_labels(ds, store) == [], "a finished round has seen every label"
+    assert store.manifest()["rounds"][-1]["reason"] == result["reason"]
+    task.score = real_score  # type: ignore[method-assign]
+
+    # Within tolerance: promoted, and served from the next request on.
+    before = store.served().version
+    result = task({"tolerance": 1.0, "crop": 64}, ds)
+    assert result["promoted"] == before + 1 and store.served().version == before + 1
+    stamps = {f"{c}@{os.stat(ds.get_label_uri(c, 'final')).st_mtime_ns}" for c in ("STS_001", "STS_003")}
+    assert set(store.served().trained_on) == stamps
+    assert reloader.refresh() and model.version == f"small:v{before + 1}"
