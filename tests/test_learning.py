@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from lib.trainers.split import ValidationSplit
 from lib.trainers.tasks import PointTrainTask, replay_weights
 from lib.trainers.validation import gate
 
-from .conftest import STS
+from .conftest import ROOT, STS
 
 SARCOMA = 133
 
@@ -189,3 +191,18 @@ def test_a_round_trains_on_final_labels_and_the_gate_decides(tmp_path: Path, tes
     stamps = {f"{c}@{os.stat(ds.get_label_uri(c, 'final')).st_mtime_ns}" for c in ("STS_001", "STS_003")}
     assert set(store.served().trained_on) == stamps
     assert reloader.refresh() and model.version == f"small:v{before + 1}"
+
+
+def test_rollback_tool_serves_the_previous_version(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "studies" / ".vista3d" / "models")
+    net = build_network("small")
+    for score in (0.5, 0.6):
+        store.promote(net, {"score": score}, [], {}, seen=[])
+    tool = [sys.executable, str(ROOT / "tools" / "model_store.py")]
+    out = subprocess.run([*tool, "rollback", "--studies", str(tmp_path / "studies")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '"served_version": 1' in out.stdout and store.served().version == 1
+    out = subprocess.run([*tool, "rollback", "--studies", str(tmp_path / "studies")], capture_output=True, text=True)
+    assert store.served().version == 0
+    out = subprocess.run([*tool, "rollback", "--studies", str(tmp_path / "studies")], capture_output=True, text=True)
+    assert out.returncode == 2 and "no version older than v0" in out.stderr
