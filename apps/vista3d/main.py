@@ -24,6 +24,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.dice import MultiClassDice
+from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
 from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import open_dicomweb_datastore
 from lib.engine import Engine
@@ -125,10 +126,11 @@ class MyApp(MONAILabelApp):
         return result or {}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {"random": Random(), "first": First(), "uncertainty": Uncertainty()}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        return {"dice": MultiClassDice()}
+        uncertainty = UncertaintyScoring(lambda: self.model, self.dictionary, precision=self.settings.precision)
+        return {"dice": MultiClassDice(), "uncertainty": uncertainty}
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Answer unknown models and images with 404 instead of MONAI Label's 500."""
