@@ -23,7 +23,7 @@ ORTHANC_ENV  := ORTHANC_PORT=$(ORTHANC_PORT)
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 apt_install = $(APT_GET) update -qq && $(APT_GET) install -y -qq $(1)
 
-.PHONY: venv serve test lint unit e2e clean orthanc orthanc-install orthanc-stop browser-install
+.PHONY: venv serve test lint unit e2e clean orthanc orthanc-install orthanc-stop browser-install supervoxels
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ browser-install:
 		$(call apt_install,chromium chromium-driver); fi
 
 # Starts the project's Orthanc (storage in .orthanc/) and uploads ../shared/data's DICOM series.
+# Supervoxels for the datastore's images (low-level; SAM with SAM=<checkpoint> [SAM_MODEL=vit_b]).
+supervoxels: venv
+	$(BIN)/python tools/supervoxels.py --studies $(STUDIES) $(if $(SAM),--sam-checkpoint $(SAM) --sam-model $(or $(SAM_MODEL),vit_b))
+
 orthanc: venv orthanc-install
 	$(ORTHANC_ENV) scripts/orthanc/orthanc.sh start
 	$(BIN)/python scripts/orthanc/upload.py --orthanc http://127.0.0.1:$(ORTHANC_PORT)

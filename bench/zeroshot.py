@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default="organs,lowlevel", help="comma list of organs, lowlevel, sam")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--crop", type=int, default=64, help="training crop edge (inference windows stay 96)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

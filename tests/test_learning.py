@@ -21,6 +21,7 @@ from lib.model import build_network, load_model
 from lib.model_store import ModelReloader, ModelStore
 from lib.settings import Settings
 from lib.trainers.data import CachedVolume
+from lib.trainers.labelled import final_labels, load_final_volumes
 from lib.trainers.request import TrainRequest
 from lib.trainers.split import ValidationSplit
 from lib.trainers.tasks import PointTrainTask, replay_weights
@@ -206,3 +207,22 @@ def test_rollback_tool_serves_the_previous_version(tmp_path: Path) -> None:
     assert store.served().version == 0
     out = subprocess.run([*tool, "rollback", "--studies", str(tmp_path / "studies")], capture_output=True, text=True)
     assert out.returncode == 2 and "no version older than v0" in out.stderr
+
+
+def test_final_volumes_carry_generated_supervoxels(tmp_path: Path) -> None:
+    """A map at <studies>/.vista3d/supervoxels/<id>.nii.gz (tools/supervoxels.py) joins the training volume."""
+    ds = _datastore_with_final_labels(tmp_path / "studies", ["STS_001", "STS_002"])
+    sv_dir = tmp_path / "studies" / ".vista3d" / "supervoxels"
+    sv_dir.mkdir(parents=True)
+    gtv = nib.load(str(STS / "STS_001_gtv.nii.gz"))
+    nib.save(
+        nib.Nifti1Image((np.asarray(gtv.dataobj) > 0).astype(np.uint16) * 7 + 1, gtv.affine), sv_dir / "STS_001.nii.gz"
+    )
+    vols = {
+        v.name: v
+        for v in load_final_volumes(final_labels(ds), load_label_dictionary().preprocessing, str(tmp_path / "studies"))
+    }
+    assert vols["STS_002"].supervoxels is None
+    sv = vols["STS_001"].supervoxels
+    assert sv is not None and sv.shape == vols["STS_001"].label.shape
+    assert set(np.unique(sv.numpy())) <= {0, 1, 8} and ((sv == 8) == (vols["STS_001"].label == SARCOMA)).all()

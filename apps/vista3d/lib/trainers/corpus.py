@@ -7,19 +7,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-import time
 from pathlib import Path
-from typing import cast
-
-import nibabel as nib
-import numpy as np
 
 from ..labels import LabelDictionary
-from ..supervoxels.slic import LOWLEVEL_CONFIG, lowlevel_features, supervoxels_from_features
+from ..supervoxels.generate import supervoxels_for_image, write_map
 from .data import SARCOMA_ID, CachedVolume, load_volume, remap_lookup, totalseg_lookup
 
 __all__ = ["ABDOMEN", "abdomen_volume", "case_names", "lowlevel_supervoxels", "sarcoma_volume"]
@@ -38,24 +30,10 @@ def case_names(folder: Path) -> list[str]:
 def lowlevel_supervoxels(image: Path, cache: Path) -> Path:
     """The cached low-level supervoxel map of ``image`` (computed on first use, written atomically)."""
     out = cache / image.name.replace(".nii.gz", "_sv.nii.gz")
-    if out.is_file():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    img = cast(nib.Nifti1Image, nib.load(str(image)))
-    hu = np.asarray(img.dataobj, dtype=np.float32)
-    sv = supervoxels_from_features(lowlevel_features(hu), hu, LOWLEVEL_CONFIG)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(sv.astype(np.int32), img.affine), tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    info = {"mode": "lowlevel", "segments": int(len(np.unique(sv)) - 1), "seconds": time.perf_counter() - start}
-    out.with_suffix("").with_suffix(".json").write_text(json.dumps(info))
-    logger.info("lowlevel supervoxels of %s: %d segments in %.1f s", image.name, info["segments"], info["seconds"])
+    if not out.is_file():
+        sv, affine, info = supervoxels_for_image(image)
+        write_map(sv, affine, info, out)
+        logger.info("lowlevel supervoxels of %s: %d segments in %.1f s", image.name, info["segments"], info["seconds"])
     return out
 
 

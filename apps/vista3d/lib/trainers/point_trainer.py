@@ -48,6 +48,8 @@ class PointTrainConfig:
         special: class ids whose clicks use labels 2/3.
         grad_clip: max gradient norm (from scratch, early steps can spike).
         train_encoder: whether the shared image encoder learns as well (off: only the point head).
+        ce_weight: weight of the cross-entropy term beside Dice; from scratch a full-weight CE term
+            pulls every voxel to background before the clicks mean anything.
     """
 
     rounds: int = 3
@@ -57,6 +59,7 @@ class PointTrainConfig:
     special: frozenset[int] = frozenset({23, 24, 25, 26, 27, 57, 128})
     grad_clip: float = 1.0
     train_encoder: bool = True
+    ce_weight: float = 0.1
 
 
 @dataclass
@@ -155,7 +158,7 @@ class PointTrainer:
         self.grad_sync = grad_sync  # averages gradients over processes (see .distributed)
         self.config = config
         self.rng = np.random.default_rng(seed)
-        self.loss_fn = DiceCELoss(sigmoid=True)
+        self.loss_fn = DiceCELoss(sigmoid=True, lambda_ce=config.ce_weight)
         self.params = freeze_for_point_training(network, config.train_encoder)
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
 
