@@ -36,7 +36,7 @@ from lib.labels import load_label_dictionary
 from lib.model import load_model, patch_size_for
 from lib.model_store import ModelReloader, ModelStore
 from lib.settings import Settings
-from lib.simulate import dice, evaluate_clicks, mean_at
+from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice
 from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_volume
 from lib.trainers.data import SARCOMA_ID
 from lib.trainers.tasks import PointTrainTask
@@ -45,7 +45,6 @@ logger = logging.getLogger("learning_curve")
 
 PRESET = "small"
 CLICKS = (1, 3, 5)
-ORGANS = ("liver", "spleen", "right kidney", "left kidney", "stomach", "aorta", "inferior vena cava", "pancreas")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,14 +87,6 @@ def save_final(ds: SafeLocalDatastore, folder: Path, case: str, scratch: Path) -
     ds.save_label(case, str(path), "final", {})
 
 
-def organ_auto_dice(engine: Engine, labels, volume) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Auto Dice per organ on the abdominal scan (model grid), the forgetting check."""
-    ids = [labels.id_for_name(n) for n in ORGANS]
-    pred = engine.auto(volume.image, ids).numpy()
-    truth = volume.label[0].numpy()
-    return {n: round(dice(pred == i, truth == i), 4) for n, i in zip(ORGANS, ids, strict=True)}
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -124,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, patch_size_for(PRESET), labels.sw_overlap, labels.special, precision="bf16")
 
     abdomen = None if args.no_forgetting else abdomen_volume(DATA, labels)
-    organs_before = organ_auto_dice(engine, labels, abdomen) if abdomen is not None else None
+    organs_before = (
+        organ_auto_dice(engine, labels, abdomen.image, abdomen.label[0].numpy()) if abdomen is not None else None
+    )
     curve: dict[str, list] = {"labels": [], **{f"dice_{k}": [] for k in CLICKS}, "served_version": []}
     rounds = []
     start = time.perf_counter()
@@ -143,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             for k in CLICKS:
                 curve[f"dice_{k}"].append(scores[f"dice_{k}"])
             logger.info("%d labels (served v%d): %s", n, model.served_version, scores)
-    organs_after = organ_auto_dice(engine, labels, abdomen) if abdomen is not None else None
+    organs_after = (
+        organ_auto_dice(engine, labels, abdomen.image, abdomen.label[0].numpy()) if abdomen is not None else None
+    )
     result = {
         **curve,
         "holdout_cases": len(holdout),

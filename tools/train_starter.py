@@ -31,13 +31,11 @@ from lib.atomic import save_state, write_json  # noqa: E402
 from lib.engine import Engine  # noqa: E402
 from lib.labels import load_label_dictionary  # noqa: E402
 from lib.model import LoadedModel, build_network, load_state, patch_size_for  # noqa: E402
-from lib.simulate import dice  # noqa: E402
+from lib.simulate import organ_auto_dice  # noqa: E402
 from lib.trainers.corpus import ABDOMEN, abdomen_volume  # noqa: E402
 from lib.trainers.recipes import RecipeConfig, train_auto_recipe, train_point_recipe  # noqa: E402
 
 logger = logging.getLogger("train_starter")
-
-ORGANS = ("liver", "spleen", "right kidney", "left kidney", "stomach", "aorta", "inferior vena cava", "pancreas")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,10 +58,7 @@ def organ_dice(network: torch.nn.Module, data: Path) -> dict[str, float]:
     volume = abdomen_volume(data, labels)
     model = LoadedModel(network.eval(), "small", None, torch.device("cpu"))  # type: ignore[arg-type]
     engine = Engine(model, patch_size_for("small"), labels.sw_overlap, labels.special)
-    ids = [labels.id_for_name(n) for n in ORGANS]
-    pred = engine.auto(volume.image, ids).numpy()
-    truth = volume.label[0].numpy()
-    return {n: round(dice(pred == i, truth == i), 4) for n, i in zip(ORGANS, ids, strict=True)}
+    return organ_auto_dice(engine, labels, volume.image, volume.label[0].numpy())
 
 
 def main(argv: list[str] | None = None) -> int:

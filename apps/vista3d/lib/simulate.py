@@ -15,6 +15,7 @@ import torch
 from scipy import ndimage
 
 from .engine import Engine, pad_to_patch
+from .labels import LabelDictionary
 from .prompts import PointPrompt
 from .segment import segment_points
 from .sessions import ImageState
@@ -27,6 +28,7 @@ __all__ = [
     "mean_at",
     "model_grid_state",
     "next_click",
+    "organ_auto_dice",
 ]
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -104,3 +106,15 @@ def evaluate_clicks(
 def mean_at(per_case: dict[str, list[float]], clicks: Sequence[int]) -> dict[str, float]:
     """Mean Dice over cases after each of ``clicks`` (1-based), as ``{"dice_1": ...}``."""
     return {f"dice_{k}": round(float(np.mean([v[k - 1] for v in per_case.values()])), 4) for k in clicks}
+
+
+ORGANS = ("liver", "spleen", "right kidney", "left kidney", "stomach", "aorta", "inferior vena cava", "pancreas")
+
+
+def organ_auto_dice(
+    engine: Engine, labels: LabelDictionary, image: torch.Tensor, truth: np.ndarray
+) -> dict[str, float]:
+    """Auto Dice per abdominal organ on a preprocessed scan: the check that learning clicks kept the class head."""
+    ids = [labels.id_for_name(n) for n in ORGANS]
+    pred = engine.auto(image, [i for i in ids if i is not None]).numpy()
+    return {n: round(dice(pred == i, truth == i), 4) for n, i in zip(ORGANS, ids, strict=True) if i is not None}
