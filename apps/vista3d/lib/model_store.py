@@ -47,6 +47,12 @@ class ServedVersion:
     created: str = ""
 
 
+def _add_round(manifest: dict[str, Any], round_info: dict[str, Any], seen: list[str], promoted: int | None) -> None:
+    """Append a round to the history (last 50) and mark the labels it saw."""
+    manifest["seen"] = sorted(set(manifest.get("seen", [])) | set(seen))
+    manifest["rounds"] = [*manifest.get("rounds", []), {**round_info, "promoted": promoted}][-KEEP_ROUNDS:]
+
+
 class ModelStore:
     """Versions of the served weights in one folder (see the module docstring)."""
 
@@ -80,10 +86,6 @@ class ModelStore:
     def path_of(self, entry: ServedVersion) -> Path | None:
         return self.root / entry.file if entry.file else None
 
-    def trained_on(self) -> list[str]:
-        """Label stamps the served version has learned from."""
-        return list(self.served().trained_on)
-
     def remove_temp_files(self) -> list[str]:
         """Leftovers of a killed writer (only one training runs at a time, so none is in progress)."""
         removed = []
@@ -108,7 +110,6 @@ class ModelStore:
         loop counts only labels no round has seen as pending.
         """
         m = self.manifest()
-        m["seen"] = sorted(set(m.get("seen", [])) | set(seen))
         version = max(int(v["version"]) for v in m["versions"]) + 1
         file = f"v{version}.pt"
         save_state(network, self.root / file)
@@ -123,7 +124,7 @@ class ModelStore:
         m["served"] = version
         dropped = [v for v in m["versions"] if v["file"]][:-KEEP_VERSIONS]
         m["versions"] = [v for v in m["versions"] if v not in dropped]
-        m["rounds"] = [*m.get("rounds", []), {**round_info, "promoted": version}][-KEEP_ROUNDS:]
+        _add_round(m, round_info, seen, promoted=version)
         write_json(self.manifest_path, m)
         for v in dropped:
             (self.root / v["file"]).unlink(missing_ok=True)
@@ -133,8 +134,7 @@ class ModelStore:
     def record_round(self, round_info: dict[str, Any], seen: list[str]) -> None:
         """Keep a round that promoted nothing (with why) in the manifest's history."""
         m = self.manifest()
-        m["seen"] = sorted(set(m.get("seen", [])) | set(seen))
-        m["rounds"] = [*m.get("rounds", []), {**round_info, "promoted": None}][-KEEP_ROUNDS:]
+        _add_round(m, round_info, seen, promoted=None)
         write_json(self.manifest_path, m)
 
     def update_validation(self, validation: dict[str, Any]) -> None:

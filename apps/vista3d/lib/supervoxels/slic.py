@@ -11,15 +11,12 @@ baseline scored 0.38 zero-shot Dice against SAM's 0.57 and no supervoxels' 0.30)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import slic
 
-__all__ = ["LOWLEVEL_CONFIG", "Mode", "SlicConfig", "lowlevel_features", "outside_air", "supervoxels_from_features"]
-
-Mode = Literal["sam", "lowlevel"]
+__all__ = ["LOWLEVEL_CONFIG", "SlicConfig", "lowlevel_features", "outside_air", "supervoxels_from_features"]
 
 AIR_HU = -800.0
 

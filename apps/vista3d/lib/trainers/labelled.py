@@ -30,7 +30,8 @@ class FinalLabel:
         self.image_id = image_id
         self.image = image
         self.label = label
-        self.stamp = f"{image_id}@{os.stat(label).st_mtime_ns}"
+        self.mtime_ns = os.stat(label).st_mtime_ns
+        self.stamp = f"{image_id}@{self.mtime_ns}"
 
 
 def final_labels(datastore: Datastore) -> list[FinalLabel]:
@@ -44,7 +45,7 @@ def final_labels(datastore: Datastore) -> list[FinalLabel]:
             logger.warning("Final label of %s is not readable; skipped", image_id)
             continue
         found.append(FinalLabel(image_id, image, label))
-    return sorted(found, key=lambda f: (os.stat(f.label).st_mtime_ns, f.image_id))
+    return sorted(found, key=lambda f: (f.mtime_ns, f.image_id))
 
 
 def identity_lookup() -> np.ndarray:
