@@ -9,6 +9,7 @@ then scored on every case of ``--holdout``: the tumour is prompted with a zero-s
 by the simulated annotator (:mod:`lib.simulate`), Dice after 1, 3 and 5 clicks.
 
     .venv/bin/python bench/zeroshot.py --steps 600 --threads 2
+    .venv/bin/python bench/zeroshot.py --score-only      # re-score the saved arms
 
 Prints one JSON line per arm (``mode``, ``dice_1``, ``dice_3``, ``dice_5``, training figures);
 writes each arm's weights and figures (``<mode>.pt``, ``<mode>.json``, per case) to ``--out``.
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import torch
 from common import DATA, ROOT
+from monai.networks.nets.vista3d import VISTA3D
 
 from lib.atomic import save_state
 from lib.engine import Engine
 from lib.labels import load_label_dictionary
-from lib.model import LoadedModel, patch_size_for
+from lib.model import LoadedModel, build_network, load_state, patch_size_for
 from lib.simulate import evaluate_clicks, mean_at
 from lib.supervoxels.slic import LOWLEVEL_CONFIG
 from lib.trainers.corpus import case_names, sarcoma_volume
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=Path, default=DATA / "sts", help="X_ct.nii.gz + X_gtv.nii.gz cases")
     p.add_argument("--arms", default="organs,lowlevel", help="comma list of organs, lowlevel, sam")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--crop", type=int, default=64, help="training crop edge (inference windows stay 96)")
+    p.add_argument("--score-only", action="store_true", help="score the arms' saved <out>/<mode>.pt, no training")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -59,15 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_arm(args: argparse.Namespace, mode: str, holdout: list) -> dict:
-    labels = load_label_dictionary()
+def train_arm(args: argparse.Namespace, mode: str) -> tuple[VISTA3D, dict]:
+    """Train one arm from scratch; its weights go to ``<out>/<mode>.pt``."""
     if mode == "sam":
         raise SystemExit("the sam arm needs a SAM checkpoint to make supervoxels; none can be downloaded here")
     config = RecipeConfig(
         data=args.data,
         cache=args.cache,
         steps=args.steps,
-        crop=args.crop,
         lr=args.lr,
         warmup=args.warmup,
         seed=args.seed,
@@ -75,25 +76,43 @@ def run_arm(args: argparse.Namespace, mode: str, holdout: list) -> dict:
         max_minutes=args.max_minutes,
     )
     network, stats = train_point_recipe(config, mode)
-    weights_path = save_state(network, args.out / f"{mode}.pt")
-    network.eval()
-    model = LoadedModel(network, PRESET, str(weights_path), torch.device("cpu"))
-    engine = Engine(model, patch_size_for(PRESET), labels.sw_overlap, labels.special, precision="bf16")
-    start = time.perf_counter()
-    per_case = evaluate_clicks(engine, holdout, SARCOMA_ID, max(CLICKS))
-    return {
-        "mode": mode,
-        **mean_at(per_case, CLICKS),
-        "cases": len(per_case),
+    save_state(network, args.out / f"{mode}.pt")
+    figures = {
         "steps": stats.steps,
         "train_s": round(stats.seconds, 1),
         "s_per_step": round(stats.s_per_step, 3),
         "loss_first": round(stats.loss_first, 4),
         "loss_last": round(stats.loss_last, 4),
-        "eval_s": round(time.perf_counter() - start, 1),
         "seed": args.seed,
-        "crop": args.crop,
+        "crop": config.crop,
         "supervoxels": {"n_segments": LOWLEVEL_CONFIG.n_segments} if mode == "lowlevel" else None,
+    }
+    return network, figures
+
+
+def saved_arm(args: argparse.Namespace, mode: str) -> tuple[VISTA3D, dict]:
+    """An arm trained by an earlier run: its weights, and its training figures from ``<mode>.json``."""
+    network = build_network(PRESET)
+    load_state(network, args.out / f"{mode}.pt")
+    report = args.out / f"{mode}.json"
+    keep = ("steps", "train_s", "s_per_step", "loss_first", "loss_last", "seed", "crop", "supervoxels")
+    figures = {k: v for k, v in json.loads(report.read_text()).items() if k in keep} if report.exists() else {}
+    return network, figures
+
+
+@torch.inference_mode()
+def score_arm(network: VISTA3D, mode: str, holdout: list) -> dict:
+    """Clicks-to-Dice of one arm on the holdout, through the server's click path at the served window."""
+    labels = load_label_dictionary()
+    model = LoadedModel(network.eval(), PRESET, mode, torch.device("cpu"))
+    engine = Engine(model, patch_size_for(PRESET), labels.sw_overlap, labels.special, precision="bf16")
+    start = time.perf_counter()
+    per_case = evaluate_clicks(engine, holdout, SARCOMA_ID, max(CLICKS))
+    return {
+        **mean_at(per_case, CLICKS),
+        "cases": len(per_case),
+        "window": patch_size_for(PRESET)[0],
+        "eval_s": round(time.perf_counter() - start, 1),
         "per_case": {k: [round(x, 4) for x in v] for k, v in per_case.items()},
     }
 
@@ -109,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         holdout.append((case, vol.image, vol.label[0].numpy() == SARCOMA_ID))
     results = []
     for mode in args.arms.split(","):
-        result = run_arm(args, mode, holdout)
+        network, figures = saved_arm(args, mode) if args.score_only else train_arm(args, mode)
+        result = {"mode": mode, **score_arm(network, mode, holdout), **figures}
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "per_case"}), flush=True)
         (args.out / f"{mode}.json").write_text(json.dumps(result, indent=1) + "\n")

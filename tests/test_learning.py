@@ -104,12 +104,14 @@ def test_replay_gives_new_labels_their_share() -> None:
 )
 def test_bad_train_requests_name_the_problem(request_: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        TrainRequest.parse(request_, Settings.from_conf({}))
+        TrainRequest.parse(request_, Settings.from_conf({}), 64)
 
 
-def test_train_request_defaults_come_from_settings() -> None:
-    req = TrainRequest.parse({"model": "point", "train_encoder": "false"}, Settings.from_conf({"train_steps": "7"}))
+def test_train_request_defaults_come_from_settings_and_the_window() -> None:
+    settings = Settings.from_conf({"train_steps": "7"})
+    req = TrainRequest.parse({"model": "point", "train_encoder": "false"}, settings, 128)
     assert req.steps == 7 and req.train_encoder is False and req.tolerance == 0.01
+    assert req.crop == 128, "crops default to the served window (the point head's positional encoding scale)"
 
 
 def test_loop_debounces_a_burst_into_one_training() -> None:

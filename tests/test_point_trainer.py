@@ -42,10 +42,12 @@ def test_point_steps_train_point_branch_only(sarcoma_crop) -> None:  # type: ign
     network = build_network("small")
     trainer = PointTrainer(network, PointTrainConfig(rounds=2), lr=1e-3, seed=0)
     point_before, class_before = _snapshot(network.point_head), _snapshot(network.class_head)
+    auto_decoder_before = _snapshot(network.image_encoder.up_layers_auto)
     losses = [trainer.step(crop) for _ in range(2)]
     assert all(loss is not None and np.isfinite(loss) for loss in losses), losses
     assert _changed(point_before, network.point_head), "point head did not change"
     assert not _changed(class_before, network.class_head), "class head changed"
+    assert not _changed(auto_decoder_before, network.image_encoder.up_layers_auto), "automatic decoder changed"
 
 
 def test_frozen_encoder_stays_put(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
@@ -56,16 +58,22 @@ def test_frozen_encoder_stays_put(sarcoma_crop) -> None:  # type: ignore[no-unty
     assert not _changed(before, network.image_encoder)
 
 
-def test_auto_step_trains_class_head_only(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
-    """The sarcoma id is no class-head class: the step is skipped. With liver (1) it trains."""
+def test_auto_step_trains_the_automatic_branch_only(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
+    """The sarcoma id is no class-head class: the step is skipped. With liver (1) the class head and
+    the automatic decoder train; the shared encoder, the point decoder and the point head do not."""
     network = build_network("small")
     trainer = AutoTrainer(network, lr=1e-3)
     assert trainer.step(sarcoma_crop) is None
     crop = sarcoma_crop
     liver = type(crop)(crop.volume, crop.image, (crop.label > 0).long(), [1], [1])
-    point_before, class_before = _snapshot(network.point_head), _snapshot(network.class_head)
+    enc = network.image_encoder
+    fixed = [network.point_head, enc.encoder, enc.up_layers]
+    fixed_before = [_snapshot(m) for m in fixed]
+    trained = [network.class_head, enc.up_layers_auto]
+    trained_before = [_snapshot(m) for m in trained]
     assert trainer.step(liver) is not None
-    assert _changed(class_before, network.class_head) and not _changed(point_before, network.point_head)
+    assert all(_changed(b, m) for b, m in zip(trained_before, trained, strict=True))
+    assert not any(_changed(b, m) for b, m in zip(fixed_before, fixed, strict=True))
 
 
 def test_supervoxels_become_zero_shot_objects() -> None:

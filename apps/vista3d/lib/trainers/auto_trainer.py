@@ -1,15 +1,19 @@
 """One training step of VISTA3D's automatic (class-prompted) branch on partially labelled crops.
 
-Only the class head learns: the encoder and point branch are frozen, so clicks behave exactly as
-before. Labels are partial (a team labels some structures, not all 127), so a step supervises only
-the classes the volume is known to have: those in the crop as foreground, and those absent from
-the crop (but labelled elsewhere in the volume) as empty. A class nobody labelled is never taught
-to be background.
+The automatic branch learns: the encoder's own decoder for it (``up_layers_auto``) and the class
+head, as MONAI's ``SegResNetDS2.set_auto_grad(point_freeze=True)`` leaves them. The shared encoder
+and the point branch (its decoder and head) are frozen, so clicks behave exactly as before.
+
+Labels are partial (a team labels some structures, not all 127), so a step supervises only the
+classes the volume is known to have: those in the crop as foreground, and those absent from the
+crop (but labelled elsewhere in the volume) as empty. A class nobody labelled is never taught to be
+background.
 """
 
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import torch
 from monai.losses import DiceCELoss
@@ -19,20 +23,26 @@ from .data import Crop
 
 LAST_CLASS = 132  # ids above read the zero-shot token; the class head has no embedding for them
 
-__all__ = ["AutoTrainer", "freeze_for_auto_training"]
+__all__ = ["AutoTrainer", "auto_branch", "freeze_for_auto_training"]
+
+
+def auto_branch(network: VISTA3D) -> list[torch.nn.Module]:
+    """The modules only the automatic path uses: its decoder and the class head."""
+    return [cast(torch.nn.Module, network.image_encoder.up_layers_auto), network.class_head]
 
 
 def freeze_for_auto_training(network: VISTA3D) -> list[torch.nn.Parameter]:
-    """Freeze everything but the class head; return its parameters."""
+    """Freeze everything but the automatic branch; return its parameters."""
     for p in network.parameters():
         p.requires_grad_(False)
-    for p in network.class_head.parameters():
+    params = [p for module in auto_branch(network) for p in module.parameters()]
+    for p in params:
         p.requires_grad_(True)
-    return list(network.class_head.parameters())
+    return params
 
 
 class AutoTrainer:
-    """Optimises the class head with sigmoid DiceCE per supervised class."""
+    """Optimises the automatic branch with sigmoid DiceCE per supervised class."""
 
     def __init__(self, network: VISTA3D, lr: float, max_classes: int = 8):
         self.network = network
@@ -56,8 +66,8 @@ class AutoTrainer:
             return None
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            _, features = self.network.image_encoder(crop.image, with_point=False, with_label=True)
+        # Frozen encoder weights need no gradient, so backward stops where the automatic decoder starts.
+        _, features = self.network.image_encoder(crop.image, with_point=False, with_label=True)
         class_vector = torch.tensor(classes).unsqueeze(1)
         logits, _ = self.network.class_head(features, class_vector)
         target = torch.cat([(crop.label == c).float() for c in classes], dim=0)

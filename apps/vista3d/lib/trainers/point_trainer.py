@@ -9,7 +9,7 @@ false-positive region, as an annotator correcting the result would. The DiceCE l
 are summed. The encoder runs once per step (its features are shared by the rounds), and the clicks
 are derived from detached predictions, so a round costs one point-head forward/backward only.
 
-The class head (automatic branch) is frozen: this trainer only teaches the point branch. The encoder
+The automatic branch (its decoder and the class head) is frozen: this trainer only teaches the point branch. The encoder
 trains too unless ``train_encoder`` is off (then the automatic branch cannot change at all).
 """
 
@@ -26,6 +26,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets.vista3d import VISTA3D
 from scipy import ndimage
 
+from .auto_trainer import auto_branch
 from .data import Crop
 
 __all__ = ["PointTrainConfig", "PointTrainer", "Prompts", "error_click", "freeze_for_point_training", "initial_prompts"]
@@ -52,7 +53,7 @@ class PointTrainConfig:
             pulls every voxel to background before the clicks mean anything.
     """
 
-    rounds: int = 3
+    rounds: int = 2
     max_objects: int = 3
     max_point: int = 4
     centre_click_prob: float = 0.5
@@ -72,10 +73,10 @@ class Prompts:
 
 
 def freeze_for_point_training(network: VISTA3D, train_encoder: bool) -> list[torch.nn.Parameter]:
-    """Freeze the class head (and the encoder unless trained); return the parameters left to train."""
+    """Freeze the automatic branch (and the encoder unless trained); return the parameters left to train."""
     for p in network.parameters():
         p.requires_grad_(True)
-    frozen = [network.class_head] if train_encoder else [network.class_head, network.image_encoder]
+    frozen = auto_branch(network) if train_encoder else [*auto_branch(network), network.image_encoder]
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)

@@ -2,8 +2,9 @@
 
 ``organs``: the point branch learns from the abdominal scan's organ labels only. ``lowlevel``: the
 same plus low-level supervoxels of every CT in the data folder as extra objects (no sarcoma label is
-used). ``tools/train_starter.py`` and ``bench/zeroshot.py`` both train through :func:`train_point_recipe`,
-so the starter's point branch is the ablation's ``lowlevel`` arm, step for step.
+used). These two are ``bench/zeroshot.py``'s arms. ``starter``: the organs plus the tumours of the
+sarcoma cases STS_001..020 (zero-shot id 133), which ``tools/train_starter.py`` ships; STS_021..035
+stay unseen, so its sarcoma figures are held-out figures.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from monai.networks.nets.vista3d import VISTA3D
 from tqdm import tqdm
 
 from ..labels import load_label_dictionary
-from ..model import build_network
+from ..model import build_network, patch_size_for
 from .auto_trainer import AutoTrainer
 from .corpus import abdomen_volume, case_names, sarcoma_volume
 from .data import CachedVolume, VolumeSampler
@@ -25,11 +26,14 @@ from .point_trainer import PointTrainConfig, PointTrainer
 from .schedule import TrainStats, run_steps, seed_everything
 from .supervoxel_objects import SupervoxelSampling
 
-__all__ = ["MODES", "RecipeConfig", "recipe_volumes", "train_auto_recipe", "train_point_recipe"]
+__all__ = ["MODES", "STARTER_SARCOMA", "RecipeConfig", "recipe_volumes", "train_auto_recipe", "train_point_recipe"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("organs", "lowlevel")
+MODES = ("organs", "lowlevel", "starter")
+
+# The sarcoma cases the starter learns from; STS_021..035 are the held-out cases of every benchmark.
+STARTER_SARCOMA = tuple(f"STS_{i:03d}" for i in range(1, 21))
 
 
 def scratch_point_config(special: frozenset[int]) -> PointTrainConfig:
@@ -48,7 +52,7 @@ class RecipeConfig:
     data: Path
     cache: Path
     steps: int = 600
-    crop: int = 64
+    crop: int = patch_size_for(PRESET)[0]  # the served window (see patch_size_for)
     lr: float = 2e-3
     warmup: int = 30
     seed: int = 0
@@ -57,10 +61,15 @@ class RecipeConfig:
 
 
 def recipe_volumes(config: RecipeConfig, mode: str) -> tuple[list[CachedVolume], list[float]]:
-    """The abdominal organs; with supervoxels, plus every sarcoma CT as unlabelled CT."""
+    """The abdominal organs; plus every sarcoma CT as unlabelled CT (``lowlevel``) or the starter's
+    labelled sarcoma cases (``starter``)."""
     labels = load_label_dictionary()
     if mode == "organs":
         return [abdomen_volume(config.data, labels)], [1.0]
+    if mode == "starter":
+        sarcoma = [sarcoma_volume(config.data / "sts", c, labels) for c in STARTER_SARCOMA]
+        share = (1 - config.abdomen_share) / len(sarcoma)
+        return [abdomen_volume(config.data, labels), *sarcoma], [config.abdomen_share] + [share] * len(sarcoma)
     if mode != "lowlevel":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     abdomen = abdomen_volume(config.data, labels, config.cache)
@@ -79,7 +88,7 @@ def train_point_recipe(config: RecipeConfig, mode: str) -> tuple[VISTA3D, TrainS
     seed_everything(config.seed)
     network = build_network(PRESET)
     trainer = PointTrainer(network, scratch_point_config(labels.special), lr=config.lr, seed=config.seed)
-    sv = SupervoxelSampling() if mode != "organs" else None
+    sv = SupervoxelSampling() if mode == "lowlevel" else None
     sampler = VolumeSampler(volumes, (config.crop,) * 3, config.seed, weights, sv)
     max_s = 60 * config.max_minutes if config.max_minutes else None
     stats = run_steps(trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s)
@@ -87,7 +96,7 @@ def train_point_recipe(config: RecipeConfig, mode: str) -> tuple[VISTA3D, TrainS
 
 
 def train_auto_recipe(network: VISTA3D, config: RecipeConfig, steps: int, lr: float = 1e-3) -> TrainStats:
-    """The class head on the abdominal scan's organ labels (encoder and point branch frozen)."""
+    """The automatic branch on the abdominal scan's organ labels (encoder and point branch frozen)."""
     labels = load_label_dictionary()
     seed_everything(config.seed)
     trainer = AutoTrainer(network, lr=lr)

@@ -17,7 +17,8 @@ class TrainRequest:
     Attributes:
         steps: optimiser steps.
         lr: peak learning rate (linear warm-up over the first tenth, then cosine decay).
-        crop: edge of the cubic training crops; inference windows keep the preset's patch.
+        crop: edge of the cubic training crops: by default the preset's inference window, which the
+            point head's positional encoding is normalised by (see ``lib.model.patch_size_for``).
         rounds: click-simulation rounds per point step.
         train_encoder: whether the point trainer also updates the shared encoder.
         replay_share: share of steps on labels learned in earlier rounds (the rest on new ones).
@@ -31,7 +32,7 @@ class TrainRequest:
     steps: int = 200
     lr: float = 3e-4
     crop: int = 64
-    rounds: int = 3
+    rounds: int = 2
     train_encoder: bool = True
     replay_share: float = 0.5
     tolerance: float = 0.01
@@ -41,9 +42,16 @@ class TrainRequest:
     max_minutes: float | None = None
 
     @classmethod
-    def parse(cls, request: dict[str, Any], settings: Settings) -> TrainRequest:
-        """Our keys of ``request`` (others belong to MONAI Label); a bad value raises ValueError naming it."""
-        values: dict[str, Any] = {"steps": settings.train_steps, "tolerance": settings.promote_tolerance}
+    def parse(cls, request: dict[str, Any], settings: Settings, window: int) -> TrainRequest:
+        """Our keys of ``request`` (others belong to MONAI Label); a bad value raises ValueError naming it.
+
+        ``window`` is the served preset's window edge, the default crop.
+        """
+        values: dict[str, Any] = {
+            "steps": settings.train_steps,
+            "tolerance": settings.promote_tolerance,
+            "crop": window,
+        }
         for f in fields(cls):
             if f.name not in request or request[f.name] is None:
                 continue

@@ -1,6 +1,6 @@
 """MONAI Label ``/train`` tasks: fine-tune on final labels, validate, promote through the model store.
 
-``point`` fine-tunes the interactive branch (:mod:`.point_trainer`), ``auto`` the class head
+``point`` fine-tunes the interactive branch (:mod:`.point_trainer`), ``auto`` the automatic branch
 (:mod:`.auto_trainer`). A round:
 
 1. collects the datastore's final labels and updates the persisted validation split;
@@ -118,7 +118,7 @@ class FineTuneTask(TrainTask):
 
     def config(self) -> dict[str, Any]:
         """Defaults shown by OHIF/Slicer's training options."""
-        return {**TrainRequest(steps=self.settings.train_steps, tolerance=self.settings.promote_tolerance).as_dict()}
+        return TrainRequest.parse({}, self.settings, self.patch[0]).as_dict()
 
     def stats(self) -> dict[str, Any]:
         return self.store.summary()
@@ -134,7 +134,7 @@ class FineTuneTask(TrainTask):
         """Validation figures with a ``score`` (higher is better) when there is anything to score."""
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        req = TrainRequest.parse(request, self.settings)
+        req = TrainRequest.parse(request, self.settings, self.patch[0])
         torch.set_num_threads(self.settings.train_threads)
         begin = time.perf_counter()
         self.store.remove_temp_files()
@@ -210,7 +210,7 @@ class PointTrainTask(FineTuneTask):
 
 
 class AutoTrainTask(FineTuneTask):
-    """Fine-tunes the class head only (partial labels: only classes a label holds are supervised)."""
+    """Fine-tunes the automatic branch only (partial labels: only classes a label holds are supervised)."""
 
     kind = "auto"
 
