@@ -80,6 +80,16 @@ def heldout_sarcoma_dice(network: torch.nn.Module, data: Path) -> dict[str, floa
     return {**scores, "cases": len(cases)}
 
 
+def reused_point_branch(weights: Path) -> tuple[dict, dict]:
+    """Provenance of a reused point branch: the report of the run that trained it, when beside it."""
+    earlier = weights.with_suffix(".json")
+    if not earlier.is_file():
+        return {"from": str(weights)}, {"abdomen": list(ABDOMEN), "point_branch_from": str(weights)}
+    old = json.loads(earlier.read_text())
+    point = old["point"] if "command" in old["point"] else {"command": old["command"], **old["point"]}
+    return {**point, "from": str(weights)}, old["trained_on"]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -90,23 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.point_weights:
         network = build_network("small")
         load_state(network, args.point_weights)
-        report["point"] = {"from": str(args.point_weights)}
-        logger.info("Point branch from %s", args.point_weights)
+        logger.info("Encoder and point branch from %s", args.point_weights)
+        report["point"], trained_on = reused_point_branch(args.point_weights)
     else:
         network, stats = train_point_recipe(config, "starter")
         report["point"] = {"steps": stats.steps, "seconds": round(stats.seconds, 1), "loss_last": stats.loss_last}
+        trained_on = {"abdomen": list(ABDOMEN), "sarcoma_as_zero_shot_133": list(STARTER_SARCOMA)}
     auto = train_auto_recipe(network, config, args.auto_steps)
     report["auto"] = {"steps": auto.steps, "seconds": round(auto.seconds, 1), "loss_last": round(auto.loss_last, 4)}
     report["sarcoma_heldout"] = heldout_sarcoma_dice(network, args.data)
     organs = organ_dice(network, args.data)
     report["organs_auto_dice_on_training_scan"] = organs
     report["organs_mean"] = round(float(np.mean(list(organs.values()))), 4)
-    point_data = (
-        {"point_branch_from": str(args.point_weights)}
-        if args.point_weights
-        else {"sarcoma_as_zero_shot_133": list(STARTER_SARCOMA)}
-    )
-    report["trained_on"] = {"abdomen": list(ABDOMEN), **point_data}
+    report["trained_on"] = trained_on
     save_state(network, args.out)
     write_json(args.out.with_suffix(".json"), report)
     print(json.dumps(report), flush=True)

@@ -44,10 +44,12 @@ def freeze_for_auto_training(network: VISTA3D) -> list[torch.nn.Parameter]:
 class AutoTrainer:
     """Optimises the automatic branch with sigmoid DiceCE per supervised class."""
 
-    def __init__(self, network: VISTA3D, lr: float, max_classes: int = 8):
+    def __init__(self, network: VISTA3D, lr: float, max_classes: int = 8, ce_weight: float = 1.0):
+        """``ce_weight`` < 1 for a branch trained from scratch: full-weight cross-entropy drove a fresh
+        automatic branch to all-background in 150 steps (organ Dice 0.0 on its own training scan)."""
         self.network = network
         self.max_classes = max_classes
-        self.loss_fn = DiceCELoss(sigmoid=True)
+        self.loss_fn = DiceCELoss(sigmoid=True, lambda_ce=ce_weight)
         self.params = freeze_for_auto_training(network)
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
 

@@ -99,6 +99,6 @@ def train_auto_recipe(network: VISTA3D, config: RecipeConfig, steps: int, lr: fl
     """The automatic branch on the abdominal scan's organ labels (encoder and point branch frozen)."""
     labels = load_label_dictionary()
     seed_everything(config.seed)
-    trainer = AutoTrainer(network, lr=lr)
+    trainer = AutoTrainer(network, lr=lr, ce_weight=0.1)
     sampler = VolumeSampler([abdomen_volume(config.data, labels)], (config.crop,) * 3, config.seed)
     return run_steps(trainer, sampler, steps, max(1, steps // 10), desc="train[auto]")
