@@ -175,7 +175,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("VISTA3D small: point branch learning from corrections")
+    ax.set_title("VISTA3D small: point branch learning from corrections", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 
