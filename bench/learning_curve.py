@@ -37,7 +37,7 @@ from lib.model import load_model, patch_size_for
 from lib.model_store import ModelReloader, ModelStore
 from lib.settings import Settings
 from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice
-from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_volume
+from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_click_cases
 from lib.trainers.data import SARCOMA_ID
 from lib.trainers.tasks import PointTrainTask
 
@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="learning_curve_"))
     train_dir, holdout_dir = (args.train, args.holdout) if args.train else default_split(work / "cases")
     train_cases = case_names(train_dir)[: max(measure_at)]
-    holdout = []
-    for case in case_names(holdout_dir):
-        vol = sarcoma_volume(holdout_dir, case, labels)
-        holdout.append((case, vol.image, vol.label[0].numpy() == SARCOMA_ID))
+    holdout = sarcoma_click_cases(holdout_dir, labels)
 
     studies = work / "studies"
     studies.mkdir()

@@ -28,12 +28,11 @@ from common import DATA, ROOT
 from monai.networks.nets.vista3d import VISTA3D
 
 from lib.atomic import save_state
-from lib.engine import Engine
 from lib.labels import load_label_dictionary
-from lib.model import LoadedModel, build_network, load_state, patch_size_for
-from lib.simulate import evaluate_clicks, mean_at
+from lib.model import build_network, load_state
+from lib.simulate import evaluate_clicks, mean_at, scoring_engine
 from lib.supervoxels.slic import LOWLEVEL_CONFIG
-from lib.trainers.corpus import case_names, sarcoma_volume
+from lib.trainers.corpus import sarcoma_click_cases
 from lib.trainers.data import SARCOMA_ID
 from lib.trainers.recipes import RecipeConfig, train_point_recipe
 
@@ -103,15 +102,13 @@ def saved_arm(args: argparse.Namespace, mode: str) -> tuple[VISTA3D, dict]:
 @torch.inference_mode()
 def score_arm(network: VISTA3D, mode: str, holdout: list) -> dict:
     """Clicks-to-Dice of one arm on the holdout, through the server's click path at the served window."""
-    labels = load_label_dictionary()
-    model = LoadedModel(network.eval(), PRESET, mode, torch.device("cpu"))
-    engine = Engine(model, patch_size_for(PRESET), labels.sw_overlap, labels.special, precision="bf16")
+    engine = scoring_engine(network, PRESET, load_label_dictionary())
     start = time.perf_counter()
     per_case = evaluate_clicks(engine, holdout, SARCOMA_ID, max(CLICKS))
     return {
         **mean_at(per_case, CLICKS),
         "cases": len(per_case),
-        "window": patch_size_for(PRESET)[0],
+        "window": engine.patch[0],
         "eval_s": round(time.perf_counter() - start, 1),
         "per_case": {k: [round(x, 4) for x in v] for k, v in per_case.items()},
     }
@@ -121,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    labels = load_label_dictionary()
-    holdout = []
-    for case in case_names(args.holdout):
-        vol = sarcoma_volume(args.holdout, case, labels)
-        holdout.append((case, vol.image, vol.label[0].numpy() == SARCOMA_ID))
+    holdout = sarcoma_click_cases(args.holdout, load_label_dictionary())
     results = []
     for mode in args.arms.split(","):
         network, figures = saved_arm(args, mode) if args.score_only else train_arm(args, mode)

@@ -3,7 +3,8 @@
 
 1. Point branch + encoder: the ``starter`` recipe of :mod:`lib.trainers.recipes` (the abdominal
    scan's organ labels, and the tumours of sarcoma cases STS_001..020 as zero-shot id 133).
-2. Class head: the abdominal scan's organ labels (encoder and point branch frozen).
+2. Automatic branch (its decoder and the class head): the abdominal scan's organ labels (encoder
+   and point branch frozen).
 3. Figures: clicks-to-Dice on the held-out sarcoma cases STS_021..035 (zero-shot id, the server's
    click path) and the organs' auto Dice on the abdominal scan (its training scan: a sanity check).
 
@@ -23,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.nets.vista3d import VISTA3D
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "vista3d"
 sys.path.insert(0, str(APP_DIR))
 
 from lib.atomic import save_state, write_json  # noqa: E402
-from lib.engine import Engine  # noqa: E402
 from lib.labels import load_label_dictionary  # noqa: E402
-from lib.model import LoadedModel, build_network, load_state, patch_size_for  # noqa: E402
-from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice  # noqa: E402
-from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_volume  # noqa: E402
+from lib.model import build_network, load_state  # noqa: E402
+from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice, scoring_engine  # noqa: E402
+from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_click_cases  # noqa: E402
 from lib.trainers.data import SARCOMA_ID  # noqa: E402
 from lib.trainers.recipes import STARTER_SARCOMA, RecipeConfig, train_auto_recipe, train_point_recipe  # noqa: E402
 
@@ -46,37 +47,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "supervoxels" / "lowlevel")
     p.add_argument("--out", type=Path, default=APP_DIR / "weights" / "small_starter.pt")
     p.add_argument("--steps", type=int, default=600, help="point-branch steps")
-    p.add_argument("--auto-steps", type=int, default=150, help="class-head steps")
+    p.add_argument("--auto-steps", type=int, default=150, help="automatic-branch steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--point-weights", type=Path, help="reuse a trained encoder + point branch")
     return p.parse_args(argv)
 
 
-def _engine(network: torch.nn.Module) -> Engine:
-    labels = load_label_dictionary()
-    model = LoadedModel(network.eval(), "small", None, torch.device("cpu"))  # type: ignore[arg-type]
-    return Engine(model, patch_size_for("small"), labels.sw_overlap, labels.special, precision="bf16")
-
-
 @torch.inference_mode()
-def organ_dice(network: torch.nn.Module, data: Path) -> dict[str, float]:
+def organ_dice(network: VISTA3D, data: Path) -> dict[str, float]:
     """Auto Dice per organ on the abdominal scan (the training scan: a sanity check, not generalisation)."""
     labels = load_label_dictionary()
     volume = abdomen_volume(data, labels)
-    return organ_auto_dice(_engine(network), labels, volume.image, volume.label[0].numpy())
+    return organ_auto_dice(scoring_engine(network, "small", labels), labels, volume.image, volume.label[0].numpy())
 
 
 @torch.inference_mode()
-def heldout_sarcoma_dice(network: torch.nn.Module, data: Path) -> dict[str, float]:
+def heldout_sarcoma_dice(network: VISTA3D, data: Path) -> dict[str, float]:
     """Dice after 1, 3 and 5 simulated clicks on the sarcoma cases the starter never saw."""
     labels = load_label_dictionary()
     folder = data / "sts"
-    cases = []
-    for case in (c for c in case_names(folder) if c not in STARTER_SARCOMA):
-        vol = sarcoma_volume(folder, case, labels)
-        cases.append((case, vol.image, vol.label[0].numpy() == SARCOMA_ID))
-    scores = mean_at(evaluate_clicks(_engine(network), cases, SARCOMA_ID, 5), (1, 3, 5))
+    unseen = [c for c in case_names(folder) if c not in STARTER_SARCOMA]
+    cases = sarcoma_click_cases(folder, labels, unseen)
+    scores = mean_at(evaluate_clicks(scoring_engine(network, "small", labels), cases, SARCOMA_ID, 5), (1, 3, 5))
     return {**scores, "cases": len(cases)}
 
 

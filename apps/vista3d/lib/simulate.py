@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.networks.nets.vista3d import VISTA3D
 from scipy import ndimage
 
 from .engine import Engine, pad_to_patch
 from .labels import LabelDictionary
+from .model import LoadedModel, patch_size_for
 from .prompts import PointPrompt
 from .segment import segment_points
 from .sessions import ImageState
@@ -29,6 +31,7 @@ __all__ = [
     "model_grid_state",
     "next_click",
     "organ_auto_dice",
+    "scoring_engine",
 ]
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -54,6 +57,13 @@ def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, b
     if best is None:
         return None
     return deepest_voxel(best[1]), best[2]
+
+
+def scoring_engine(network: VISTA3D, preset: str, labels: LabelDictionary) -> Engine:
+    """An engine answering with ``network`` as the server would (the preset's window, bf16 clicks):
+    what validation and the benchmarks score a network that is not the served one through."""
+    model = LoadedModel(network.eval(), preset, None, next(network.parameters()).device)
+    return Engine(model, patch_size_for(preset), labels.sw_overlap, labels.special, precision="bf16")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..labels import LabelDictionary
 from ..supervoxels.generate import supervoxels_for_image, write_map
 from .data import SARCOMA_ID, CachedVolume, load_volume, remap_lookup, totalseg_lookup
 
-__all__ = ["ABDOMEN", "abdomen_volume", "case_names", "lowlevel_supervoxels", "sarcoma_volume"]
+__all__ = ["ABDOMEN", "abdomen_volume", "case_names", "lowlevel_supervoxels", "sarcoma_click_cases", "sarcoma_volume"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,3 +65,15 @@ def sarcoma_volume(
     if supervoxel_cache is not None:
         pair["supervoxels"] = str(lowlevel_supervoxels(image, supervoxel_cache))
     return load_volume(case, pair, remap_lookup({1: label_id}), labels.preprocessing)
+
+
+def sarcoma_click_cases(
+    folder: Path, labels: LabelDictionary, cases: Iterable[str] | None = None
+) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """Sarcoma cases as :func:`lib.simulate.evaluate_clicks` takes them: (name, preprocessed image,
+    tumour mask on the model grid); all cases of ``folder`` unless ``cases`` names some."""
+    out = []
+    for case in case_names(folder) if cases is None else cases:
+        vol = sarcoma_volume(folder, case, labels)
+        out.append((case, vol.image, vol.label[0].numpy() == SARCOMA_ID))
+    return out

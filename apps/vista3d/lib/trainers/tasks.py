@@ -206,7 +206,7 @@ class PointTrainTask(FineTuneTask):
         return result["stats"]
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
-        return click_dice(network, self.model.preset, self.patch, self.labels, items, req.clicks)
+        return click_dice(network, self.model.preset, self.labels, items, req.clicks)
 
 
 class AutoTrainTask(FineTuneTask):
@@ -224,4 +224,4 @@ class AutoTrainTask(FineTuneTask):
         return run_steps(trainer, sampler, req.steps, max(1, req.steps // 10), desc="auto", max_seconds=max_s)
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
-        return auto_dice(network, self.model.preset, self.patch, self.labels, items)
+        return auto_dice(network, self.model.preset, self.labels, items)

@@ -14,13 +14,11 @@ from typing import Any
 import numpy as np
 from monai.networks.nets.vista3d import VISTA3D
 
-from ..engine import Engine
 from ..imageio import load_label
 from ..labels import LabelDictionary
-from ..model import LoadedModel
 from ..prompts import AutoPrompt
 from ..segment import new_state, segment_auto
-from ..simulate import clicks_to_dice, dice
+from ..simulate import clicks_to_dice, dice, scoring_engine
 from .labelled import FinalLabel
 
 __all__ = ["auto_dice", "click_dice", "gate"]
@@ -31,11 +29,6 @@ MAX_OBJECTS_PER_IMAGE = 3
 LAST_CLASS = 132
 
 
-def _engine(network: VISTA3D, preset: str, labels: LabelDictionary, patch: tuple[int, int, int]) -> Engine:
-    model = LoadedModel(network.eval(), preset, None, next(network.parameters()).device)
-    return Engine(model, patch, labels.sw_overlap, labels.special, precision="bf16")
-
-
 def _objects(label: np.ndarray, limit: int) -> list[int]:
     """The largest ``limit`` objects of a label map."""
     ids, counts = np.unique(label[label > 0], return_counts=True)
@@ -43,19 +36,14 @@ def _objects(label: np.ndarray, limit: int) -> list[int]:
 
 
 def click_dice(
-    network: VISTA3D,
-    preset: str,
-    patch: tuple[int, int, int],
-    labels: LabelDictionary,
-    items: Sequence[FinalLabel],
-    clicks: int,
+    network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int
 ) -> dict[str, Any]:
     """Mean Dice after each simulated click over the objects of ``items``; ``score`` = mean over clicks."""
-    engine = _engine(network, preset, labels, patch)
+    engine = scoring_engine(network, preset, labels)
     curves = []
     start = time.perf_counter()
     for item in items:
-        state = new_state(item.image, labels.preprocessing, patch)
+        state = new_state(item.image, labels.preprocessing, engine.patch)
         truth_map = np.asarray(load_label(item.label, state.original_shape))
         for class_id in _objects(truth_map, MAX_OBJECTS_PER_IMAGE):
             curves.append(clicks_to_dice(engine, state, truth_map == class_id, class_id, clicks))
@@ -72,14 +60,12 @@ def click_dice(
     }
 
 
-def auto_dice(
-    network: VISTA3D, preset: str, patch: tuple[int, int, int], labels: LabelDictionary, items: Sequence[FinalLabel]
-) -> dict[str, Any]:
+def auto_dice(network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel]) -> dict[str, Any]:
     """Mean per-class Dice of the automatic branch on the classes (<= 132) each label holds."""
-    engine = _engine(network, preset, labels, patch)
+    engine = scoring_engine(network, preset, labels)
     scores: list[float] = []
     for item in items:
-        state = new_state(item.image, labels.preprocessing, patch)
+        state = new_state(item.image, labels.preprocessing, engine.patch)
         truth = np.asarray(load_label(item.label, state.original_shape))
         classes = [c for c in _objects(truth, 127) if c <= LAST_CLASS]
         if not classes:
