@@ -69,7 +69,7 @@ def app_run(engine: Engine, state: ImageState, truth: np.ndarray, class_id: int,
         positive.append(click[1])
         prompt = PointPrompt(np.asarray(points), np.asarray(positive), class_id)
         start = time.perf_counter()
-        result, _ = segment_points(engine, state, prompt, result)
+        result = segment_points(engine, state, prompt, result).label
         times.append(time.perf_counter() - start)
         dices.append(dice(result == class_id, truth))
     return {"times": times, "dice": dices, "points": [p.tolist() for p in points], "positive": positive}

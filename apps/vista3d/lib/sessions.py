@@ -57,7 +57,7 @@ class ImageState:
     original_affine: np.ndarray
     original_shape: tuple[int, int, int]
     result: np.ndarray | None = None
-    clicks: dict[int, set[tuple[int, int, int, bool]]] = field(default_factory=dict)
+    clicks: dict[int, list[tuple[int, int, int, bool]]] = field(default_factory=dict)
     features: OrderedDict[tuple[int, int, int], HeadFeatures] = field(default_factory=OrderedDict)
     weights_version: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)

@@ -91,7 +91,7 @@ def clicks_to_dice(engine: Engine, state: ImageState, truth: np.ndarray, class_i
     scores: list[float] = []
     for _ in range(clicks):
         prompt = PointPrompt(np.stack(points).astype(np.int64), np.asarray(positive), class_id)
-        result, _ = segment_points(engine, state, prompt, result)
+        result = segment_points(engine, state, prompt, result).label
         prediction = result == class_id
         scores.append(dice(prediction, truth))
         click = next_click(prediction, truth)

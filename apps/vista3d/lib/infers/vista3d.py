@@ -22,7 +22,7 @@ from ..imageio import ImageError, load_label, to_tensor
 from ..labels import LabelDictionary
 from ..model_store import ModelReloader
 from ..prompts import AutoPrompt, PointPrompt, PromptError, parse_prompt
-from ..segment import new_state, segment_auto, segment_points
+from ..segment import ClickEdit, new_state, segment_auto, segment_points
 from ..sessions import ImageState, SessionStore, state_key
 from ..zero_shot import ZeroShotRegistry
 
@@ -92,12 +92,13 @@ class Vista3DInfer(InferTask):
         latency_load = time.time() - start
 
         start = time.time()
-        covered: list[bool] = []
+        edit: ClickEdit | None = None
         with state.lock:
             if isinstance(prompt, AutoPrompt):
                 result = segment_auto(self.engine, state, prompt)
             else:
-                result, covered = self._edit(state, prompt, request)
+                edit = self._edit(state, prompt, request)
+                result = edit.label
             state.result = result
         latency_infer = time.time() - start
         self.store.enforce_budget()
@@ -109,7 +110,7 @@ class Vista3DInfer(InferTask):
             "result_extension": request.get("result_extension") or DEFAULT_EXTENSION,
             "result_dtype": request.get("result_dtype") or "uint8",
             "result_compress": request.get("result_compress", False),
-            "result": self._result_json(prompt, result, covered),
+            "result": self._result_json(prompt, result, edit),
         }
         out_file, out_json = Writer(label="pred", json="result")(data)
         latency_write = time.time() - start
@@ -140,7 +141,7 @@ class Vista3DInfer(InferTask):
         except ImageError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
 
-    def _edit(self, state: ImageState, prompt: PointPrompt, request: dict[str, Any]) -> tuple[np.ndarray, list[bool]]:
+    def _edit(self, state: ImageState, prompt: PointPrompt, request: dict[str, Any]) -> ClickEdit:
         try:
             prompt.check_inside(state.original_shape)
         except PromptError as e:
@@ -165,7 +166,9 @@ class Vista3DInfer(InferTask):
             return state.result
         return np.zeros(state.original_shape, dtype=np.int16)
 
-    def _result_json(self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, covered: list[bool]) -> dict[str, Any]:
+    def _result_json(
+        self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, edit: ClickEdit | None
+    ) -> dict[str, Any]:
         present = sorted(int(v) for v in np.unique(result) if v)
         names = {
             **{i: n for i, n in self.dictionary.classes.items()},
@@ -177,12 +180,12 @@ class Vista3DInfer(InferTask):
         }
         if isinstance(prompt, AutoPrompt):
             out["label_prompt"] = list(prompt.class_ids)
-        else:
+        elif edit is not None:
             out["label_prompt"] = [prompt.class_id]
             out["zero_shot"] = prompt.zero_shot
             out["clicks"] = [
-                {"point": p.tolist(), "positive": bool(s), "on_prediction": c}
-                for p, s, c in zip(prompt.points, prompt.positive, covered, strict=True)
+                {"point": p.tolist(), "positive": bool(s), "new": n, "applied": a}
+                for p, s, n, a in zip(prompt.points, prompt.positive, edit.new, edit.applied, strict=True)
             ]
             if prompt.new_name:
                 out["new_label"] = {prompt.new_name: prompt.class_id}
