@@ -6,7 +6,8 @@ VENV    ?= .venv
 PYTHON  ?= python3
 STUDIES ?= ./studies
 PORT    ?= 8000
-HOST    ?= 0.0.0.0
+# Loopback unless HOST is given; on any other address the server needs users (tools/users.py) or CONF=auth=off.
+HOST    ?= 127.0.0.1
 # CONF: space-separated key=value pairs, e.g. CONF="preset=vista3d weights=/models/model_vista3d.pt"
 CONF    ?=
 
@@ -34,8 +35,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 serve: venv
 	@case "$(STUDIES)" in http://*|https://*) ;; *) mkdir -p "$(STUDIES)";; esac
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/monailabel start_server --app apps/vista3d \
-		--studies "$(STUDIES)" --host $(HOST) --port $(PORT) $(CONF_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" PYTHONPATH="$(abspath apps/vista3d)" $(BIN)/monailabel start_server \
+		--app apps/vista3d --studies "$(STUDIES)" --host $(HOST) --port $(PORT) \
+		--uvicorn_app lib.server.asgi:app $(CONF_ARGS)
 
 lint: venv
 	$(BIN)/ruff check apps tests bench tools scripts

@@ -24,6 +24,9 @@ ABDOMEN_SM = DATA / "totalseg" / "example_ct_sm.nii.gz"
 ABDOMEN_SEG_SM = DATA / "totalseg" / "example_seg.nii.gz"
 # Tests that assert which ids a result holds get an image of their own (STS_006, STS_007).
 SERVER_CASES = ("STS_001", "STS_002", "STS_003", "STS_006", "STS_007")
+# Planted in the session datastore before its server starts (tests/test_bad_input.py checks them).
+STALE_SAVE = Path("labels") / "final" / ".saving-killedwrite.nii.gz"
+LINKED_IMAGE = "linked"
 
 sys.path.insert(0, str(APP_DIR))
 
@@ -51,34 +54,49 @@ def _wait_for_info(url: str, proc: subprocess.Popen, log: Path, timeout: float =
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if requests.get(f"{url}/auth/", timeout=5).status_code == 200:  # public: answers once the app is up
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"server did not answer /info within {timeout}s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"server did not answer /auth/ within {timeout}s:\n{log.read_text()[-4000:]}")
 
 
 class Server:
-    """A running ``monailabel start_server`` with this app."""
+    """A running ``monailabel start_server`` with this app; ``tmp`` is its TMPDIR when the test chose one."""
 
-    def __init__(self, url: str, studies: Path, log: Path, pid: int) -> None:
+    def __init__(self, url: str, studies: Path, log: Path, pid: int, tmp: Path | None = None) -> None:
         self.url = url
         self.studies = studies
         self.log = log
         self.pid = pid
+        self.tmp = tmp
 
     def log_text(self) -> str:
         return self.log.read_text()
 
 
 @pytest.fixture(scope="session")
-def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A datastore of real CT, linked (not copied) from ../shared/data."""
+def linked_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CT volume outside the datastore that the session datastore links to (deleting must spare it)."""
+    import nibabel as nib
+
+    path = tmp_path_factory.mktemp("outside") / "linked_target.nii.gz"
+    data = np.asarray(nib.load(str(ABDOMEN_SM)).dataobj)[:48, :48, :24]
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory: pytest.TempPathFactory, linked_target: Path) -> Path:
+    """A datastore of real CT, linked (not copied) from ../shared/data, with what a killed write leaves behind."""
     root = tmp_path_factory.mktemp("studies")
     for case in SERVER_CASES:
         os.symlink(STS / f"{case}_ct.nii.gz", root / f"{case}_ct.nii.gz")
     os.symlink(ABDOMEN_SM, root / "abdomen.nii.gz")
+    os.symlink(linked_target, root / f"{LINKED_IMAGE}.nii.gz")
+    (root / STALE_SAVE).parent.mkdir(parents=True)
+    (root / STALE_SAVE).write_bytes(b"half a label")
     return root
 
 
@@ -95,16 +113,17 @@ def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextmanager
 def running_server(
-    studies: str, log: Path, weights: Path, conf: dict[str, str] | None = None, **env: str
+    studies: str, log: Path, weights: Path, conf: dict[str, str] | None = None, host: str = "127.0.0.1", **env: str
 ) -> Iterator[Server]:
-    """``monailabel start_server`` with this app on a free loopback port; stopped on exit."""
+    """``monailabel start_server`` with this app behind its serving edge on a free loopback port; stopped on exit."""
+    from lib.server.launch import server_command
+
     port = _free_port()
     bin_dir = Path(sys.executable).parent
-    full_env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **env)
-    cmd = [str(bin_dir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", studies]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "weights", str(weights)]
-    for key, value in (conf or {}).items():
-        cmd += ["--conf", key, value]
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    full_env = dict(os.environ, PATH=path, PYTHONPATH=str(APP_DIR), **env)
+    conf = {"weights": str(weights), **(conf or {})}
+    cmd = server_command(bin_dir / "monailabel", APP_DIR, studies, host, port, conf)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
@@ -112,7 +131,8 @@ def running_server(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_info(url, proc, log)
-        yield Server(url, Path(studies), log, proc.pid)
+        tmp = Path(env["TMPDIR"]) if "TMPDIR" in env else None
+        yield Server(url, Path(studies), log, proc.pid, tmp)
     finally:
         proc.terminate()
         try:
@@ -125,6 +145,46 @@ def running_server(
 def server(studies: Path, test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real MONAI Label server with this app over the temporary datastore."""
     log = tmp_path_factory.mktemp("server") / "server.log"
+    tmp = tmp_path_factory.mktemp("server-tmp")  # its temporary files, to check that rejected requests leave none
     # The learning loop is tested on servers of its own (test_learning_server.py).
-    with running_server(str(studies), log, test_weights, conf={"train_trigger": "0"}) as running:
+    conf = {"train_trigger": "0"}
+    with running_server(str(studies), log, test_weights, conf=conf, TMPDIR=str(tmp)) as running:
         yield running
+
+
+ROLES = ("user", "annotator", "reviewer", "admin")
+PASSWORD = "a password for tests"
+ALLOWED_ORIGIN = "https://viewer.example"
+
+
+@pytest.fixture(scope="session")
+def auth_server(test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with sign-in on: one user per role (``u-<role>``), one allowed CORS origin, 2 new names per hour."""
+    import nibabel as nib
+
+    from lib.server.users import Role, UserStore
+
+    root = tmp_path_factory.mktemp("auth-studies")
+    os.symlink(STS / "STS_001_ct.nii.gz", root / "STS_001_ct.nii.gz")
+    image = nib.load(str(STS / "STS_001_ct.nii.gz"))
+    (root / "labels" / "final").mkdir(parents=True)
+    label = nib.Nifti1Image(np.zeros(image.shape, dtype=np.uint8), image.affine)
+    nib.save(label, str(root / "labels" / "final" / "STS_001_ct.nii.gz"))
+    store = UserStore(root / ".vista3d" / "users.json")
+    for role in ROLES:
+        store.add(f"u-{role}", Role.parse(role), PASSWORD)
+    log = tmp_path_factory.mktemp("auth-server") / "server.log"
+    conf = {"train_trigger": "0", "cors_origins": ALLOWED_ORIGIN, "zero_shot_names_per_hour": "2"}
+    with running_server(str(root), log, test_weights, conf=conf) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def tokens(auth_server: Server) -> dict[str, str]:
+    """A bearer token per role, fetched as 3D Slicer does (``POST /auth/token``)."""
+    out = {}
+    for role in ROLES:
+        response = requests.post(f"{auth_server.url}/auth/token", data={"username": f"u-{role}", "password": PASSWORD})
+        assert response.status_code == 200, response.text
+        out[role] = response.json()["access_token"]
+    return out

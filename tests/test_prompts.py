@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lib.labels import load_label_dictionary
-from lib.prompts import AutoPrompt, PointPrompt, PromptError, parse_prompt
+from lib.prompts import AutoPrompt, OutputOptions, PointPrompt, PromptError, parse_output, parse_prompt
 from lib.zero_shot import ZeroShotRegistry
 
 LABELS = load_label_dictionary()
@@ -57,14 +57,39 @@ def test_slicer_form(registry: ZeroShotRegistry) -> None:
     assert prompt.positive.tolist() == [True, False, False]
 
 
-def test_new_name_gets_a_persistent_zero_shot_id(registry: ZeroShotRegistry, tmp_path: Path) -> None:
+def test_new_name_is_proposed_not_registered(registry: ZeroShotRegistry, tmp_path: Path) -> None:
+    """Parsing registers nothing: the infer task reserves the id once the whole request is valid."""
     prompt = parse({"points": [[1, 2, 3]], "point_labels": [1], "label_prompt": ["Sarcoma"]}, registry)
     assert isinstance(prompt, PointPrompt)
     assert prompt.class_id == 133 and prompt.zero_shot and prompt.new_name == "sarcoma"
+    assert registry.as_dict() == {} and not (tmp_path / "zero_shot.json").exists()
+    registry.assign("sarcoma")
+    again = parse({"points": [[1, 2, 3]], "point_labels": [1], "label_prompt": ["SARCOMA "]}, registry)
+    assert isinstance(again, PointPrompt) and again.class_id == 133 and again.new_name is None
     other = parse({"points": [[1, 2, 3]], "point_labels": [1], "label_prompt": ["cyst"]}, registry)
-    assert isinstance(other, PointPrompt) and other.class_id == 134
-    reloaded = ZeroShotRegistry(tmp_path / "zero_shot.json")
-    assert reloaded.as_dict() == {"sarcoma": 133, "cyst": 134}
+    assert isinstance(other, PointPrompt) and other.class_id == 134 and other.new_name == "cyst"
+
+
+def test_points_per_request_are_capped(registry: ZeroShotRegistry) -> None:
+    points = [[1, 2, 3]] * 6
+    with pytest.raises(PromptError, match="points has 6 clicks; at most 5 per request"):
+        parse_prompt({"points": points, "point_labels": [1] * 6, "label_prompt": [1]}, LABELS, registry, max_points=5)
+    slicer = {"label": "liver", "foreground": [[1, 2, 3]] * 3, "background": [[1, 2, 3]] * 3}
+    with pytest.raises(PromptError, match="background has 3 clicks; at most 2"):
+        parse_prompt(slicer, LABELS, registry, max_points=5)
+
+
+def test_output_options_come_from_an_allow_list() -> None:
+    assert parse_output({}) == OutputOptions(".nii.gz", "uint8", False)
+    assert parse_output({"result_extension": ".nrrd", "result_dtype": "uint16"}) == OutputOptions(".nrrd", "uint16")
+    for params, message in (
+        ({"result_extension": ".txt"}, "result_extension must be one of"),
+        ({"result_extension": "/../../x.nii.gz"}, "result_extension must be one of"),
+        ({"result_dtype": "evil"}, "result_dtype must be one of"),
+        ({"result_compress": "yes"}, "result_compress must be true or false"),
+    ):
+        with pytest.raises(PromptError, match=message):
+            parse_output(params)
 
 
 BAD = [
@@ -80,6 +105,10 @@ BAD = [
     ({"points": [[1, 2]], "point_labels": [1], "label_prompt": [1]}, "points[0] must be [i, j, k]"),
     ({"points": [[1, "x", 3]], "point_labels": [1], "label_prompt": [1]}, "must be an integer"),
     ({"points": "1,2,3", "point_labels": [1], "label_prompt": [1]}, "must be a list"),
+    ({"points": [[1, 2, 1e308]], "point_labels": [1], "label_prompt": [1]}, "must be an integer of at most"),
+    ({"points": [[1, 2, float("nan")]], "point_labels": [1], "label_prompt": [1]}, "must be an integer"),
+    ({"points": [[1, 2, "9" * 5000]], "point_labels": [1], "label_prompt": [1]}, "must be an integer"),
+    ({"points": [[1, 2, 3]], "point_labels": [1], "label_prompt": ["x" * 65]}, "at most 64 characters"),
     ({"points": [[1, 2, 3]], "point_labels": [1], "label_prompt": [2]}, "is a group of classes"),
     ({"points": [[1, 2, 3]], "point_labels": [1], "label_prompt": [1, 3]}, "must hold one id"),
     ({"points": [[1, 2, 3]], "point_labels": [1]}, "need one label_prompt"),

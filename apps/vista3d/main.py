@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import HTTPException
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -25,17 +24,18 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.dice import MultiClassDice
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
-from lib.datastore import SafeLocalDatastore
+from lib.datastore import SafeLocalDatastore, UnknownImageError, check_plain_name
 from lib.dicomweb import open_dicomweb_datastore
 from lib.engine import Engine
 from lib.imageio import warm_up_writer
-from lib.infers.vista3d import Vista3DInfer
+from lib.infers.vista3d import UnknownModelError, Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
 from lib.model import load_model, patch_size_for, resolve_device
 from lib.model_store import ModelReloader, ModelStore
+from lib.server.launch import EDGE_ENV, bind_host, is_loopback
 from lib.sessions import SessionStore
-from lib.settings import Settings
+from lib.settings import Settings, state_dir
 from lib.trainers.tasks import AutoTrainTask, PointTrainTask
 from lib.zero_shot import ZeroShotRegistry
 
@@ -55,7 +55,7 @@ class MyApp(MONAILabelApp):
         device = resolve_device(self.settings.device)
         logger.info("VISTA3D app: %s (torch threads %d)", self.settings, torch.get_num_threads())
         self.model = load_model(self.settings.preset, self.settings.weights, self.model_dir, device)
-        self.store = ModelStore(self.settings.model_store or self._state_dir(studies) / "models")
+        self.store = ModelStore(self.settings.model_store or state_dir(studies, app_dir) / "models")
         self.reloader = ModelReloader(self.model, self.store)  # serves the latest promoted version
         self.engine = Engine(
             self.model,
@@ -66,7 +66,9 @@ class MyApp(MONAILabelApp):
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
         warm_up_writer()
-        self.registry = ZeroShotRegistry(self._state_dir(studies) / "zero_shot_labels.json")
+        self.registry = ZeroShotRegistry(
+            state_dir(studies, app_dir) / "zero_shot_labels.json", self.settings.zero_shot_names_per_hour
+        )
         self.loop: LearningLoop | None = None
         super().__init__(
             app_dir=app_dir,
@@ -76,12 +78,6 @@ class MyApp(MONAILabelApp):
             description="VISTA3D for CT: 127 classes automatically, 3D clicks, zero-shot structures",
             version="0.1.0",
         )
-
-    def _state_dir(self, studies: str) -> Path:
-        """Where the app keeps what belongs to a team's datastore (zero-shot label names)."""
-        if studies.startswith(("http://", "https://")):
-            return self.model_dir
-        return Path(studies) / ".vista3d"
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -96,7 +92,14 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {
-            MODEL_NAME: Vista3DInfer(self.engine, self.dictionary, self.registry, self.sessions_store, self.reloader)
+            MODEL_NAME: Vista3DInfer(
+                self.engine,
+                self.dictionary,
+                self.registry,
+                self.sessions_store,
+                self.reloader,
+                max_points=self.settings.max_points,
+            )
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -106,6 +109,7 @@ class MyApp(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         """Start the learning loop (server process only; training subprocesses never get here)."""
+        _check_served_behind_edge()
         super().on_init_complete()
         self.loop = LearningLoop(
             self.settings.train_trigger,
@@ -133,15 +137,25 @@ class MyApp(MONAILabelApp):
         return {"dice": MultiClassDice(), "uncertainty": uncertainty}
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        """Answer unknown models and images with 404 instead of MONAI Label's 500."""
+        """Images are datastore ids, never paths; unknown models and images are 404s (MONAI Label: 500)."""
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(
-                status_code=404, detail=f"unknown model {model!r}; this server has {sorted(self._infers)}"
-            )
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            store = datastore or self.datastore()
-            if not store.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"unknown image id {image!r}")
+            raise UnknownModelError(f"unknown model {model!r}; this server has {sorted(self._infers)}")
+        image = check_plain_name(str(request.get("image") or ""), "image (a datastore id)")
+        if not (datastore or self.datastore()).get_image_uri(image):
+            raise UnknownImageError(f"unknown image id {image!r}")
         return super().infer(request, datastore)
+
+
+def _check_served_behind_edge() -> None:
+    """Refuse a network address without the serving edge; warn on loopback (benchmarks start the plain server).
+
+    ``monailabel start_server`` without ``--uvicorn_app lib.server.asgi:app`` serves MONAI Label's own
+    application: no sign-in, every route open, CORS for any site.
+    """
+    if os.environ.get(EDGE_ENV) == "1":
+        return
+    message = "served without lib.server.asgi (make serve): no sign-in, no access control, CORS open"
+    if not is_loopback(bind_host()):
+        raise RuntimeError(f"refusing to start: {message}; start with `make serve`")
+    logger.warning("VISTA3D app %s (acceptable on loopback only)", message)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from ..conftest import ROOT, Server, _free_port, running_server
+from ..conftest import PASSWORD, ROOT, Server, _free_port, running_server
 from ..orthanc import running_orthanc
 
 ARTIFACTS = ROOT / "artifacts" / "e2e"
@@ -48,22 +49,30 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+ANNOTATOR = "e2e-annotator"
+
+
 @pytest.fixture(scope="session")
 def dicomweb_server(
     orthanc: str, test_weights: Path, tmp_path_factory: pytest.TempPathFactory, artifacts: Path
 ) -> Iterator[Server]:
-    """The app's server on Orthanc's DICOMweb, its series cache in a temporary folder; its log kept as artifact."""
+    """The app's server on Orthanc's DICOMweb with sign-in on (one annotator), its series cache in a temporary
+    folder; its log kept as artifact."""
+    from lib.server.users import Role, UserStore
+
     cache = str(tmp_path_factory.mktemp("dicomweb-cache"))
+    users = tmp_path_factory.mktemp("users") / "users.json"  # not the app's model/ folder, the DICOMweb default
+    UserStore(users).add(ANNOTATOR, Role.ANNOTATOR, PASSWORD)
     studies = f"{orthanc}/dicom-web"
     with running_server(
-        studies, artifacts / "server.log", test_weights, MONAI_LABEL_DICOMWEB_CACHE_PATH=cache
+        studies, artifacts / "server.log", test_weights, {"users": str(users)}, MONAI_LABEL_DICOMWEB_CACHE_PATH=cache
     ) as server:
         yield server
 
 
-@pytest.fixture(scope="session")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    """Debian's headless Chromium driven by Debian's chromedriver (nothing downloaded)."""
+@contextmanager
+def _chromium(profile: Path) -> Iterator[webdriver.Chrome]:
+    """Debian's headless Chromium driven by Debian's chromedriver (nothing downloaded), with its own profile."""
     if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
         pytest.fail(
             f"CHROMIUM OR CHROMEDRIVER MISSING ({CHROMIUM}, {CHROMEDRIVER}): run `make e2e` "
@@ -72,7 +81,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
@@ -80,3 +89,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    with _chromium(tmp_path_factory.mktemp("chromium")) as driver:
+        yield driver
+
+
+@pytest.fixture
+def anonymous_browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    """A browser that never signed in (a fresh profile: no cookie, no cached viewer)."""
+    with _chromium(tmp_path / "chromium") as driver:
+        yield driver

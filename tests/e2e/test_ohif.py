@@ -8,7 +8,6 @@ fresh checkout): the test is about the path from the button to the rendered labe
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import time
@@ -23,7 +22,8 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
-from ..conftest import DATA, Server
+from ..conftest import DATA, PASSWORD, Server
+from .conftest import ANNOTATOR
 
 pytestmark = pytest.mark.e2e
 
@@ -65,9 +65,22 @@ class OhifPage:
         self.artifacts = artifacts
         self.console: list[str] = []
 
+    def sign_in(self, server: Server, name: str, password: str) -> None:
+        """Signs in through the server's page, as a user does; the browser then holds the session cookie."""
+        self.driver.get(f"{server.url}/ohif/")
+        wait_for("the sign-in page", lambda: "/signin" in self.driver.current_url, 30)
+        self.driver.find_element(By.ID, "username").send_keys(name)
+        self.driver.find_element(By.ID, "password").send_keys(password)
+        self.driver.find_element(By.ID, "signin").click()
+        wait_for("the viewer after signing in", lambda: self.driver.current_url.endswith("/ohif/"), 30)
+
+    def fetch_status(self, path: str) -> int:
+        """The status of a same-origin ``fetch`` from the page (what the OHIF panel's requests get)."""
+        script = "const done = arguments[1]; fetch(arguments[0]).then(r => done(r.status)).catch(e => done(-1));"
+        return int(self.driver.execute_async_script(script, path))
+
     def open_study(self, server: Server, study_uid: str) -> None:
         """Opens the study with the panel's server field (a cookie; it defaults to port 8000) on the test server."""
-        self.driver.get(f"{server.url}/ohif/")
         self.driver.add_cookie({"name": "MONAILABEL_SERVER_URL", "value": f"{server.url}/", "path": "/"})
         self.driver.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
         wait_for(
@@ -143,11 +156,11 @@ class OhifPage:
         return str(self.driver.find_element(By.TAG_NAME, "body").text)
 
 
-def infer_requests(server: Server) -> list[dict[str, Any]]:
-    """The infer requests MONAI Label logged (``Infer Request: {...}``), as dicts."""
-    marker = "Infer Request: "
+def infer_requests(server: Server, user: str) -> list[dict[str, Any]]:
+    """The params of the infer requests the server logged for ``user`` (``Infer request by <user>: {...}``)."""
+    marker = f"Infer request by {user}: "
     lines = [line.split(marker, 1)[1] for line in server.log_text().splitlines() if marker in line]
-    return [ast.literal_eval(line) for line in lines]
+    return [{"image": r["image"], **r["params"]} for r in map(json.loads, lines)]
 
 
 def test_auto_and_point_segmentation_render_in_ohif(
@@ -156,6 +169,7 @@ def test_auto_and_point_segmentation_render_in_ohif(
     page = OhifPage(browser, artifacts)
     study = str(pydicom.dcmread(next(STS_001.iterdir()), stop_before_pixels=True).StudyInstanceUID)
     try:
+        page.sign_in(dicomweb_server, ANNOTATOR, PASSWORD)
         page.open_study(dicomweb_server, study)
         page.connect()
         page.screenshot("01-study-open")
@@ -174,7 +188,7 @@ def test_auto_and_point_segmentation_render_in_ohif(
     finally:
         page.save_console()
 
-    requests = infer_requests(dicomweb_server)
+    requests = infer_requests(dicomweb_server, ANNOTATOR)
     assert len(requests) == 2, requests
     assert "points" not in requests[0] and len(requests[0]["label_prompt"]) > 100  # the panel sends every class
     assert len(requests[1]["points"]) == 1 and requests[1]["point_labels"] == [1]
@@ -183,3 +197,24 @@ def test_auto_and_point_segmentation_render_in_ohif(
     timings = {"auto_click_to_render_s": round(auto_s, 1), "point_click_to_render_s": round(point_s, 1)}
     (artifacts / "timings.json").write_text(json.dumps(timings, indent=2))
     logger.warning("OHIF click-to-render latencies: %s", timings)
+
+
+def test_anonymous_browser_cannot_reach_the_viewers_data(
+    dicomweb_server: Server, anonymous_browser: webdriver.Chrome, artifacts: Path
+) -> None:
+    browser = anonymous_browser
+    page = OhifPage(browser, artifacts)
+    header = pydicom.dcmread(next(STS_001.iterdir()), stop_before_pixels=True)
+    study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)  # a series is a datastore image
+    browser.get(f"{dicomweb_server.url}/ohif/monai-label?StudyInstanceUIDs={study}")
+    wait_for("the sign-in page", lambda: "/signin?next=" in browser.current_url, 30)
+    page.screenshot("04-anonymous")
+    assert browser.find_elements(By.ID, "password"), "an anonymous browser gets the sign-in page"
+    for path in (
+        f"/proxy/dicom/qido/studies/{study}/series",  # OHIF's images come through here
+        "/datastore/",
+        "/info/",
+        "/ohif/app-config.js",
+    ):
+        assert page.fetch_status(path) == 401, path
+    assert page.fetch_status(f"/datastore/image?image={series}") == 401

@@ -1,30 +1,74 @@
-"""Local datastore whose label writes are validated and atomic.
+"""Local datastore whose writes are validated, atomic and confined to the datastore folder.
 
-MONAI Label's ``LocalDatastore.save_label`` copies the upload straight onto the stored label, so a
-crash mid-copy leaves a half-written file and a corrupt upload replaces a good label. Here the
-upload is checked against its image first (readable, same grid), then written to a temporary file
-beside the destination and renamed over it.
+MONAI Label's ``LocalDatastore`` copies uploads straight onto their destination (a crash mid-copy
+leaves a half-written file, a corrupt upload replaces a good label), builds file names from ids and
+tags as given (``../../x`` writes outside the datastore), and deletes images through
+``realpath`` (the target of a linked image, not the link). Here ids and tags are plain names, an
+upload is checked against its image and written to a temporary file beside its destination and
+renamed over it, deleting removes the datastore's own entry (a link stays a link's worth of
+deletion), and temporary files a killed write left behind are removed at start.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import nibabel as nib
-from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from .imageio import ImageError, load_label
+from .imageio import check_volume_header, load_label
 
-__all__ = ["SafeLocalDatastore"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LABEL_EXTENSIONS",
+    "DatastoreError",
+    "SafeLocalDatastore",
+    "UnknownImageError",
+    "check_plain_name",
+    "file_extension",
+]
 
 logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+LABEL_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_TEMPORARY = (".saving-", ".adding-")
+
+
+class DatastoreError(ValueError):
+    """A datastore request with a bad id, tag or file type; the message names it."""
+
+
+class UnknownImageError(LookupError):
+    """No image with this id in the datastore."""
+
+
+def check_plain_name(value: str, what: str) -> str:
+    """An id or tag that is a plain file name: letters, digits, ``_ . -``, no separators, never ``..``."""
+    if not _PLAIN.match(value) or ".." in value:
+        raise DatastoreError(
+            f"{what} must be a plain name (letters, digits, _ . -, starting with a letter or digit; "
+            f"no '/' or '..'), got {value[:80]!r}"
+        )
+    return value
+
+
+def file_extension(filename: str, allowed: Sequence[str], what: str) -> str:
+    """The allowed extension ``filename`` ends with (longest first), or :class:`DatastoreError`."""
+    for ext in sorted(allowed, key=len, reverse=True):
+        if filename.lower().endswith(ext):
+            return ext
+    raise DatastoreError(f"{what} {os.path.basename(filename)[:80]!r} must be one of {list(allowed)}")
 
 
 def _image_shape(path: str) -> tuple[int, ...] | None:
@@ -34,38 +78,96 @@ def _image_shape(path: str) -> tuple[int, ...] | None:
     return None
 
 
-class SafeLocalDatastore(LocalDatastore):
-    """``LocalDatastore`` with validated, atomic label saves."""
+def _copy_atomically(source: str, dest: str, prefix: str) -> None:
+    """Copy ``source`` to a temporary file beside ``dest`` (not matching any datastore pattern), then rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=prefix, suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+
+class SafeLocalDatastore(LocalDatastore):
+    """``LocalDatastore`` with validated, atomic, confined writes (see the module docstring)."""
+
+    def __init__(self, datastore_path: str, **kwargs: Any) -> None:
+        super().__init__(datastore_path, **kwargs)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        folders = [self._datastore.image_path(), *glob.glob(os.path.join(self._datastore.label_path(None), "*"))]
+        for folder in folders:
+            for prefix in _TEMPORARY:
+                for stale in glob.glob(os.path.join(glob.escape(folder), f"{prefix}*")):
+                    os.remove(stale)
+                    logger.warning("Removed %s, left by a write that did not finish", stale)
+
+    def _object(self, image_id: str) -> ImageLabelModel:
         obj = self._datastore.objects.get(image_id)
         if not obj:
-            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}")
-        image_path = self.get_image_uri(image_id)
-        shape = _image_shape(image_path)
-        if shape is not None:
-            try:
-                load_label(label_filename, shape)
-            except ImageError as e:
-                raise HTTPException(status_code=422, detail=str(e)) from e
+            raise UnknownImageError(f"unknown image id {image_id!r}")
+        return obj
 
-        _, label_ext = self._to_id(os.path.basename(label_filename))
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        check_plain_name(image_id, "image id")
+        image_ext = file_extension(image_filename, IMAGE_EXTENSIONS, "image file")
+        check_volume_header(image_filename, "the uploaded image")  # ImageError (422): nothing is stored
+        name = self._filename(image_id, image_ext)
+        dest = os.path.join(self._datastore.image_path(), name)
+        logger.info("Adding image %s => %s", image_id, name)
+        with FileLock(self._lock_file):
+            _copy_atomically(image_filename, dest, ".adding-")
+            info = dict(image_info or {})
+            info.update({"ts": int(time.time()), "name": name})
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_plain_name(label_tag, "label tag")
+        obj = self._object(image_id)
+        label_ext = file_extension(label_filename, LABEL_EXTENSIONS, "label file")
+        shape = _image_shape(self.get_image_uri(image_id))
+        if shape is not None:
+            load_label(label_filename, shape)  # ImageError (422) for unreadable labels or the wrong grid
+
         label_path = self._datastore.label_path(label_tag)
         dest = os.path.join(label_path, self._filename(image_id, label_ext))
-        logger.info("Saving label %s => %s => %s", image_id, label_tag, dest)
+        logger.info("Saving label %s => %s => %s", image_id, label_tag, os.path.basename(dest))
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=label_path, prefix=".saving-", suffix=label_ext)
-            os.close(fd)
-            try:
-                shutil.copyfile(label_filename, tmp)
-                os.replace(tmp, dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            _copy_atomically(label_filename, dest, ".saving-")
             info = dict(label_info or {})
-            info["ts"] = int(time.time())
-            info["name"] = os.path.basename(dest)
+            info.update({"ts": int(time.time()), "name": os.path.basename(dest)})
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        """Remove the image's labels and its datastore entry; a linked image loses the link, never the target."""
+        obj = self._object(image_id)
+        for tag in list(obj.labels):
+            self.remove_label(image_id, tag)
+        with FileLock(self._lock_file):
+            self._unlink(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
+            self._datastore.objects.pop(image_id, None)
+            self._update_datastore_file(lock=False)
+        logger.info("Removed image %s", image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        label = self._datastore.label(label_id, label_tag)
+        if label is None:
+            raise UnknownImageError(f"no label {label_tag!r} for image {label_id!r}")
+        with FileLock(self._lock_file):
+            self._unlink(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
+            self._datastore.objects[label_id].labels.pop(label_tag, None)
+            self._update_datastore_file(lock=False)
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        if os.path.lexists(path):
+            os.unlink(path)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import cast
+from typing import Any, cast
 
+import nibabel as nib
+import nrrd
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-__all__ = ["ImageError", "load_image", "load_label", "to_tensor"]
+__all__ = ["ImageError", "check_volume_header", "load_image", "load_label", "to_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,25 @@ def load_image(path: str) -> MetaTensor:
     if img.shape[0] != 1 or len(spatial) != 3 or min(spatial) < 2:
         raise ImageError(f"image {path!r} must be a single-channel 3D volume, got shape {tuple(img.shape)}")
     return cast(MetaTensor, img.float())
+
+
+def check_volume_header(path: str, what: str) -> None:
+    """A NIfTI or NRRD file whose header describes one 3D volume; no voxels are read, so it is cheap.
+
+    Args:
+        path: the file (``.nii``, ``.nii.gz`` or ``.nrrd``).
+        what: how the file is named in the error (``"the uploaded image"``).
+    """
+    try:
+        if path.endswith(".nrrd"):
+            header: Any = nrrd.read_header(path)
+            shape = tuple(int(s) for s in header["sizes"])
+        else:
+            shape = tuple(int(s) for s in cast(nib.Nifti1Image, nib.load(path)).shape)
+    except Exception as e:  # readers raise many types for corrupt files; all mean "unreadable"
+        raise ImageError(f"{what} cannot be read as a medical image: {type(e).__name__}: {e}") from e
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]) or min(shape[:3]) < 2:
+        raise ImageError(f"{what} must be a single-channel 3D volume, got shape {list(shape)}")
 
 
 def load_label(path: str, shape: tuple[int, ...]) -> np.ndarray:

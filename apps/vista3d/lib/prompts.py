@@ -21,7 +21,20 @@ import numpy as np
 from .labels import ZERO_SHOT_FIRST, ZERO_SHOT_LAST, LabelDictionary
 from .zero_shot import ZeroShotRegistry
 
-__all__ = ["AutoPrompt", "PointPrompt", "PromptError", "parse_prompt"]
+__all__ = [
+    "DEFAULT_MAX_POINTS",
+    "AutoPrompt",
+    "OutputOptions",
+    "PointPrompt",
+    "PromptError",
+    "parse_output",
+    "parse_prompt",
+]
+
+DEFAULT_MAX_POINTS = 200
+MAX_NAME = 64
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32")
 
 
 class PromptError(ValueError):
@@ -62,26 +75,40 @@ class PointPrompt:
                 raise PromptError(f"point {n} {p.tolist()} lies outside the image of shape {list(shape)}")
 
 
+# Voxel indices and class ids are far below this; larger numbers (1e308) are refused, not overflowed.
+_MAX_ABS = 2**31 - 1
+
+
 def _as_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise PromptError(f"{what} must be an integer, got {value!r}")
+        raise PromptError(f"{what} must be an integer, got {_short(value)}")
     if isinstance(value, str):
-        value = value.strip()
-        if not value.lstrip("-").isdigit():
-            raise PromptError(f"{what} must be an integer, got {value!r}")
-        return int(value)
-    if isinstance(value, float) and not value.is_integer():
-        raise PromptError(f"{what} must be an integer, got {value!r}")
+        text = value.strip()
+        if not text.lstrip("-").isdigit() or len(text) > 11:
+            raise PromptError(f"{what} must be an integer, got {_short(value)}")
+        value = int(text)
+    elif isinstance(value, float) and not value.is_integer():  # also NaN and infinities
+        raise PromptError(f"{what} must be an integer, got {_short(value)}")
+    if abs(value) > _MAX_ABS:
+        raise PromptError(f"{what} must be an integer of at most {_MAX_ABS} in magnitude, got {_short(value)}")
     return int(value)
 
 
-def _parse_points(raw: Any, what: str) -> np.ndarray:
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages quote what the client sent, not megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _parse_points(raw: Any, what: str, max_points: int) -> np.ndarray:
     if not isinstance(raw, (list, tuple)):
-        raise PromptError(f"{what} must be a list of [i, j, k] voxel indices, got {raw!r}")
+        raise PromptError(f"{what} must be a list of [i, j, k] voxel indices, got {_short(raw)}")
+    if len(raw) > max_points:
+        raise PromptError(f"{what} has {len(raw)} clicks; at most {max_points} per request (--conf max_points)")
     out = []
     for n, p in enumerate(raw):
         if not isinstance(p, (list, tuple)) or len(p) != 3:
-            raise PromptError(f"{what}[{n}] must be [i, j, k], got {p!r}")
+            raise PromptError(f"{what}[{n}] must be [i, j, k], got {_short(p)}")
         out.append([_as_int(c, f"{what}[{n}]") for c in p])
     return np.asarray(out, dtype=np.int64).reshape(-1, 3)
 
@@ -99,11 +126,14 @@ class _Resolver:
             if known is not None:
                 return self._check_served(known, what), None
             if not allow_new_name:
-                raise PromptError(f"{what} {raw!r} is not a VISTA3D class; unseen structures need point prompts")
+                raise PromptError(f"{what} {_short(raw)} is not a VISTA3D class; unseen structures need point prompts")
             existing = self.registry.lookup(raw)
             if existing is not None:
                 return existing, None
-            return self.registry.assign(raw), raw.strip().lower()
+            name = raw.strip().lower()
+            if len(name) > MAX_NAME:
+                raise PromptError(f"{what}: zero-shot names have at most {MAX_NAME} characters, got {len(name)}")
+            return self.registry.peek(name), name
         return self._check_served(_as_int(raw, what), what), None
 
     def _check_served(self, i: int, what: str) -> int:
@@ -135,7 +165,7 @@ def _parse_auto(params: Mapping[str, Any], resolver: _Resolver) -> AutoPrompt:
 
 def _parse_point_labels(raw: Any, n_points: int) -> np.ndarray:
     if not isinstance(raw, (list, tuple)):
-        raise PromptError(f"point_labels must be a list of 0/1 (one per point), got {raw!r}")
+        raise PromptError(f"point_labels must be a list of 0/1 (one per point), got {_short(raw)}")
     if len(raw) != n_points:
         raise PromptError(f"points has {n_points} entries but point_labels has {len(raw)}: give one label per point")
     values = [_as_int(v, f"point_labels[{n}]") for n, v in enumerate(raw)]
@@ -145,15 +175,15 @@ def _parse_point_labels(raw: Any, n_points: int) -> np.ndarray:
     return np.asarray([v in (1, 3) for v in values], dtype=bool)
 
 
-def _parse_points_prompt(params: Mapping[str, Any], resolver: _Resolver) -> PointPrompt:
+def _parse_points_prompt(params: Mapping[str, Any], resolver: _Resolver, max_points: int) -> PointPrompt:
     if "foreground" in params or "background" in params:  # 3D Slicer's MONAI Label module
-        fg = _parse_points(params.get("foreground") or [], "foreground")
-        bg = _parse_points(params.get("background") or [], "background")
+        fg = _parse_points(params.get("foreground") or [], "foreground", max_points)
+        bg = _parse_points(params.get("background") or [], "background", max_points - len(fg))
         points = np.concatenate([fg, bg])
         positive = np.asarray([True] * len(fg) + [False] * len(bg), dtype=bool)
         raw_label = params.get("label_prompt", params.get("label"))
     else:
-        points = _parse_points(params["points"], "points")
+        points = _parse_points(params["points"], "points", max_points)
         positive = _parse_point_labels(params.get("point_labels"), len(points))
         raw_label = params.get("label_prompt")
     if len(points) == 0:
@@ -162,7 +192,9 @@ def _parse_points_prompt(params: Mapping[str, Any], resolver: _Resolver) -> Poin
         raise PromptError("point prompts need one label_prompt (the object's class id or a name)")
     if isinstance(raw_label, (list, tuple)):
         if len(raw_label) != 1:
-            raise PromptError(f"point prompts segment one object: label_prompt must hold one id, got {list(raw_label)}")
+            raise PromptError(
+                f"point prompts segment one object: label_prompt must hold one id, got {_short(raw_label)}"
+            )
         raw_label = raw_label[0]
     class_id, new_name = resolver.class_id(raw_label, "label_prompt", allow_new_name=True)
     if class_id in resolver.labels.groups:
@@ -172,13 +204,41 @@ def _parse_points_prompt(params: Mapping[str, Any], resolver: _Resolver) -> Poin
 
 
 def parse_prompt(
-    params: Mapping[str, Any], labels: LabelDictionary, registry: ZeroShotRegistry
+    params: Mapping[str, Any], labels: LabelDictionary, registry: ZeroShotRegistry, max_points: int = DEFAULT_MAX_POINTS
 ) -> AutoPrompt | PointPrompt:
-    """Parse an infer request's parameters; points make it interactive, otherwise it is automatic."""
+    """Parse an infer request's parameters; points make it interactive, otherwise it is automatic.
+
+    Nothing is registered here: a new zero-shot name comes back as ``new_name`` with the id it
+    would get now, and the caller reserves it (:meth:`.ZeroShotRegistry.reserve`) once the request
+    is known to be valid.
+    """
     resolver = _Resolver(labels, registry)
     has_points = any(params.get(k) not in (None, []) for k in ("points", "foreground", "background"))
     if has_points:
-        return _parse_points_prompt(params, resolver)
+        return _parse_points_prompt(params, resolver, max_points)
     if params.get("point_labels"):
         raise PromptError("point_labels given without points")
     return _parse_auto(params, resolver)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the result file is written: extension and dtype from an allow-list (they become a file name and a cast)."""
+
+    extension: str = RESULT_EXTENSIONS[0]
+    dtype: str = RESULT_DTYPES[0]
+    compress: bool = False
+
+
+def parse_output(params: Mapping[str, Any]) -> OutputOptions:
+    """``result_extension``, ``result_dtype`` and ``result_compress`` of a request (absent: the defaults)."""
+    extension = params.get("result_extension") or RESULT_EXTENSIONS[0]
+    if extension not in RESULT_EXTENSIONS:
+        raise PromptError(f"result_extension must be one of {list(RESULT_EXTENSIONS)}, got {_short(extension)}")
+    dtype = params.get("result_dtype") or RESULT_DTYPES[0]
+    if dtype not in RESULT_DTYPES:
+        raise PromptError(f"result_dtype must be one of {list(RESULT_DTYPES)}, got {_short(dtype)}")
+    compress = params.get("result_compress", False)
+    if not isinstance(compress, bool):
+        raise PromptError(f"result_compress must be true or false, got {_short(compress)}")
+    return OutputOptions(str(extension), str(dtype), compress)

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "Settings"]
+__all__ = ["AUTH_MODES", "PRESETS", "Settings", "state_dir"]
 
 PRESETS = ("small", "vista3d")
 PRECISIONS = ("fp32", "bf16")
+AUTH_MODES = ("auto", "on", "off")
+
+
+def state_dir(studies: str, app_dir: str | Path) -> Path:
+    """Where the app keeps what belongs to a team's datastore (zero-shot names, users, learned models).
+
+    A local datastore keeps it in ``<studies>/.vista3d``; a DICOMweb one in the app's ``model/`` folder.
+    """
+    if studies.startswith(("http://", "https://")):
+        return Path(app_dir) / "model"
+    return Path(studies) / ".vista3d"
 
 
 def _available_cores() -> int:
@@ -37,6 +49,15 @@ def _parse_number(key: str, value: str, kind: type, minimum: float) -> Any:
     if n < minimum:
         raise ValueError(f"--conf {key} must be at least {minimum}, got {n}")
     return n
+
+
+def _parse_origins(value: str) -> tuple[str, ...]:
+    """``https://a.example, https://b.example`` -> a tuple; ``*`` is refused (it would admit every site)."""
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        if not origin.startswith(("http://", "https://")) or "*" in origin:
+            raise ValueError(f"--conf cors_origins takes origins such as https://viewer.example, got {origin!r}")
+    return origins
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,14 @@ class Settings:
             clicks-to-Dice is worse than the served model's by more than this.
         model_store: folder of learned versions, the validation split and the manifest; default
             ``<studies>/.vista3d/models`` (the app's ``model/`` folder for a DICOMweb datastore).
+        auth: ``auto`` (the default: sign-in is required as soon as the user store holds a user),
+            ``on`` or ``off``. Serving on a non-loopback address with auth off needs ``auth=off``.
+        users: the user store (JSON); default ``users.json`` in the state folder (:func:`state_dir`).
+        cors_origins: comma-separated origins allowed to call the server from another site's pages
+            (with credentials); none by default, and never ``*``.
+        token_hours: lifetime of a sign-in token or session cookie.
+        max_points: clicks per request; more get HTTP 400, so that no request holds the server for long.
+        zero_shot_names_per_hour: new zero-shot label names one user may create per hour.
     """
 
     preset: str = "small"
@@ -82,6 +111,12 @@ class Settings:
     train_steps: int = 200
     promote_tolerance: float = 0.01
     model_store: str = ""
+    auth: str = "auto"
+    users: str = ""
+    cors_origins: tuple[str, ...] = ()
+    token_hours: float = 12.0
+    max_points: int = 200
+    zero_shot_names_per_hour: int = 20
 
     @classmethod
     def from_conf(cls, conf: dict[str, Any]) -> Settings:
@@ -100,8 +135,23 @@ class Settings:
                 if value not in PRECISIONS:
                     raise ValueError(f"--conf precision must be one of {PRECISIONS}, got {value!r}")
                 values[key] = value
-            elif key in ("threads", "session_cache_mb", "train_steps", "train_threads"):
+            elif key == "auth":
+                if value not in AUTH_MODES:
+                    raise ValueError(f"--conf auth must be one of {AUTH_MODES}, got {value!r}")
+                values[key] = value
+            elif key == "cors_origins":
+                values[key] = _parse_origins(value)
+            elif key in (
+                "threads",
+                "session_cache_mb",
+                "train_steps",
+                "train_threads",
+                "max_points",
+                "zero_shot_names_per_hour",
+            ):
                 values[key] = _parse_positive_int(key, value)
+            elif key == "token_hours":
+                values[key] = _parse_number(key, value, float, minimum=0.01)
             elif key == "train_trigger":
                 values[key] = _parse_number(key, value, int, minimum=0)
             elif key in ("train_debounce_s", "promote_tolerance"):

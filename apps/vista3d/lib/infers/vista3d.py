@@ -6,31 +6,39 @@ One task serves the three tabs of MONAI Label's OHIF panel (they all list models
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.transform.writer import Writer
 
 from ..engine import Engine
-from ..imageio import ImageError, load_label, to_tensor
+from ..imageio import load_label, to_tensor
 from ..labels import LabelDictionary
 from ..model_store import ModelReloader
-from ..prompts import AutoPrompt, PointPrompt, PromptError, parse_prompt
+from ..prompts import DEFAULT_MAX_POINTS, AutoPrompt, OutputOptions, PointPrompt, parse_output, parse_prompt
 from ..segment import ClickEdit, new_state, segment_auto, segment_points
 from ..sessions import ImageState, SessionStore, state_key
 from ..zero_shot import ZeroShotRegistry
 
-__all__ = ["Vista3DInfer"]
+__all__ = ["LABEL_FILE_KEY", "USER_KEY", "UnknownModelError", "Vista3DInfer"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXTENSION = ".nii.gz"
+# Request keys set by the server, never by a client's params (the serving edge refuses them there):
+USER_KEY = "user"  # whose session the request edits (a signed-in user, Slicer's client_id, or "anonymous")
+LABEL_FILE_KEY = "label_file"  # a label uploaded with the request (a temporary file the edge removes)
+
+
+class UnknownModelError(LookupError):
+    """The request names a model this server does not have."""
 
 
 class Vista3DInfer(InferTask):
@@ -43,6 +51,7 @@ class Vista3DInfer(InferTask):
         registry: ZeroShotRegistry,
         store: SessionStore,
         reloader: ModelReloader | None = None,
+        max_points: int = DEFAULT_MAX_POINTS,
     ) -> None:
         super().__init__(
             type="vista3d",
@@ -56,6 +65,7 @@ class Vista3DInfer(InferTask):
         self.registry = registry
         self.store = store
         self.reloader = reloader
+        self.max_points = max_points
 
     def is_valid(self) -> bool:
         return True
@@ -78,42 +88,44 @@ class Vista3DInfer(InferTask):
         return info
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Validate everything (prompt, output options, image, points, uploaded label), then segment.
+
+        Raises the core's errors unchanged (the serving edge maps them to status codes):
+        :class:`~lib.prompts.PromptError` (bad prompt, point outside the image), :class:`~lib.imageio.ImageError`
+        (unreadable image or label), and the zero-shot registry's limits for new names.
+        """
         begin = time.time()
         if self.reloader is not None:
             self.reloader.refresh()  # a promoted version is served from the next request on
-        try:
-            prompt = parse_prompt(request, self.dictionary, self.registry)
-        except PromptError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
+        prompt = parse_prompt(request, self.dictionary, self.registry, self.max_points)
+        output = parse_output(request)
+        user = str(request.get(USER_KEY) or "anonymous")
         image_path = str(request["image"])
 
         start = time.time()
         state = self._state(image_path)
+        previous = None
+        if isinstance(prompt, PointPrompt):
+            prompt.check_inside(state.original_shape)
+            previous = self._uploaded_label(state, request)
         latency_load = time.time() - start
 
-        start = time.time()
-        edit: ClickEdit | None = None
-        with state.lock:
-            if isinstance(prompt, AutoPrompt):
-                result = segment_auto(self.engine, state, prompt)
-            else:
-                edit = self._edit(state, prompt, request)
-                result = edit.label
-            state.result = result
-        latency_infer = time.time() - start
-        self.store.enforce_budget()
+        with self._class_id(prompt, user) as prompt:
+            start = time.time()
+            edit: ClickEdit | None = None
+            with state.lock:
+                if isinstance(prompt, AutoPrompt):
+                    result = segment_auto(self.engine, state, prompt)
+                else:
+                    edit = self._edit(state, prompt, previous)
+                    result = edit.label
+                state.result = result
+            latency_infer = time.time() - start
+            self.store.enforce_budget()
 
-        start = time.time()
-        data = {
-            "image_path": image_path,
-            "pred": to_tensor(result, torch.as_tensor(state.original_affine)),
-            "result_extension": request.get("result_extension") or DEFAULT_EXTENSION,
-            "result_dtype": request.get("result_dtype") or "uint8",
-            "result_compress": request.get("result_compress", False),
-            "result": self._result_json(prompt, result, edit),
-        }
-        out_file, out_json = Writer(label="pred", json="result")(data)
-        latency_write = time.time() - start
+            start = time.time()
+            out_file, out_json = self._write(image_path, state, result, output, self._result_json(prompt, result, edit))
+            latency_write = time.time() - start
         total = time.time() - begin
         out_json["latencies"] = {
             "pre": round(latency_load, 3),
@@ -136,35 +148,43 @@ class Vista3DInfer(InferTask):
 
     def _state(self, image_path: str) -> ImageState:
         pre = self.dictionary.preprocessing
-        try:
-            return self.store.get(state_key(image_path), lambda: new_state(image_path, pre, self.engine.patch))
-        except ImageError as e:
-            raise HTTPException(status_code=422, detail=str(e)) from e
+        return self.store.get(state_key(image_path), lambda: new_state(image_path, pre, self.engine.patch))
 
-    def _edit(self, state: ImageState, prompt: PointPrompt, request: dict[str, Any]) -> ClickEdit:
-        try:
-            prompt.check_inside(state.original_shape)
-        except PromptError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
-        previous = self._previous(state, request)
+    @contextmanager
+    def _class_id(self, prompt: AutoPrompt | PointPrompt, user: str) -> Iterator[AutoPrompt | PointPrompt]:
+        """The prompt with a new zero-shot name's id reserved; the name is registered only if the block succeeds."""
+        if not isinstance(prompt, PointPrompt) or prompt.new_name is None:
+            yield prompt
+            return
+        with self.registry.reserve(prompt.new_name, user) as class_id:
+            yield dataclasses.replace(prompt, class_id=class_id)
+
+    def _edit(self, state: ImageState, prompt: PointPrompt, previous: np.ndarray | None) -> ClickEdit:
+        """Clicks edit the uploaded label, else this image's last result, else an empty one."""
+        if previous is None:
+            previous = state.result if state.result is not None else np.zeros(state.original_shape, dtype=np.int16)
         return segment_points(self.engine, state, prompt, previous)
 
     @staticmethod
-    def _previous(state: ImageState, request: dict[str, Any]) -> np.ndarray:
-        """The label the clicks edit: an uploaded label, else this image's last result, else empty."""
-        label = request.get("label")
-        if (
-            isinstance(label, str)
-            and os.path.isfile(label)
-            and not ("foreground" in request or "background" in request)
-        ):
-            try:
-                return load_label(label, state.original_shape)
-            except ImageError as e:
-                raise HTTPException(status_code=422, detail=str(e)) from e
-        if state.result is not None:
-            return state.result
-        return np.zeros(state.original_shape, dtype=np.int16)
+    def _uploaded_label(state: ImageState, request: dict[str, Any]) -> np.ndarray | None:
+        """The label uploaded with the request (the edge's temporary file), checked against the image's grid."""
+        path = request.get(LABEL_FILE_KEY)
+        return load_label(str(path), state.original_shape) if path else None
+
+    @staticmethod
+    def _write(
+        image_path: str, state: ImageState, result: np.ndarray, output: OutputOptions, result_json: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        data = {
+            "image_path": image_path,
+            "pred": to_tensor(result, torch.as_tensor(state.original_affine)),
+            "result_extension": output.extension,
+            "result_dtype": output.dtype,
+            "result_compress": output.compress,
+            "result": result_json,
+        }
+        out_file, out_json = Writer(label="pred", json="result")(data)
+        return str(out_file), out_json
 
     def _result_json(
         self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, edit: ClickEdit | None
@@ -174,6 +194,8 @@ class Vista3DInfer(InferTask):
             **{i: n for i, n in self.dictionary.classes.items()},
             **{v: k for k, v in self.registry.as_dict().items()},
         }
+        if isinstance(prompt, PointPrompt) and prompt.new_name:
+            names[prompt.class_id] = prompt.new_name  # registered once this request has succeeded
         out: dict[str, Any] = {
             "label_names": {names.get(i, str(i)): i for i in present},
             "weights_version": self.engine.weights_version,

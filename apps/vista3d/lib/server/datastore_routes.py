@@ -1,0 +1,87 @@
+"""The datastore's write routes: form fields checked at the edge, uploads removed whatever happens, work off the loop.
+
+They replace MONAI Label's ``PUT /datastore/image``, ``PUT /datastore/label`` and the two info
+updates, which answered malformed JSON with 500, left the temporary upload of a rejected request
+behind and read and copied files on the event loop. Ids, tags and file types are checked by
+:class:`~lib.datastore.SafeLocalDatastore` (and the edge, for any datastore).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.utils.app import app_instance
+
+from ..datastore import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_plain_name, file_extension
+from .auth import Identity
+from .forms import json_object, upload_to_temp
+
+__all__ = ["datastore_router"]
+
+logger = logging.getLogger(__name__)
+
+
+def _save_label(image: str, label_file: str, tag: str, info: dict[str, Any]) -> dict[str, Any]:
+    instance = app_instance()
+    label_id = instance.datastore().save_label(image, label_file, tag, info)
+    result = dict(instance.on_save_label(image, label_id) or {})
+    result.update({"image": image, "label": label_id})
+    return result
+
+
+def datastore_router() -> APIRouter:
+    router = APIRouter(prefix="/datastore")
+
+    @router.put("/image", summary="Upload a new image (NIfTI or NRRD)")
+    async def add_image(
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        image: str | None = None,
+        params: Annotated[str, Form()] = "{}",
+    ) -> dict[str, Any]:
+        info = json_object(params, "params")
+        if image is None:
+            name = os.path.basename(file.filename or "")
+            image = name[: -len(file_extension(name, IMAGE_EXTENSIONS, "image file"))]
+        check_plain_name(image, "image id")
+        identity: Identity = request.state.identity
+        if identity.signed_in:
+            info["user"] = identity.name
+        datastore = app_instance().datastore()
+        with upload_to_temp(file, IMAGE_EXTENSIONS, "image file") as path:
+            image_id = await run_in_threadpool(datastore.add_image, image, path, info)
+        return {"image": image_id}
+
+    @router.put("/label", summary="Save a label of an image (tag 'final' is a submitted label)")
+    async def save_label(
+        request: Request,
+        image: str,
+        label: Annotated[UploadFile, File()],
+        params: Annotated[str, Form()] = "{}",
+        tag: str = DefaultLabelTag.FINAL.value,
+    ) -> dict[str, Any]:
+        info = json_object(params, "params")
+        tag = check_plain_name(tag or DefaultLabelTag.FINAL.value, "label tag")
+        identity: Identity = request.state.identity
+        if identity.signed_in:
+            info["user"] = identity.name
+        logger.info("Saving label %s (tag %s) by %s", image, tag, identity.name)
+        with upload_to_temp(label, LABEL_EXTENSIONS, "label file") as path:
+            return await run_in_threadpool(_save_label, image, path, tag, info)
+
+    @router.put("/image/info", summary="Update an image's info")
+    async def update_image_info(image: str, info: Annotated[str, Form()] = "{}") -> Any:
+        values = json_object(info, "info")
+        return await run_in_threadpool(app_instance().datastore().update_image_info, image, values)
+
+    @router.put("/label/info", summary="Update a label's info")
+    async def update_label_info(label: str, tag: str, info: Annotated[str, Form()] = "{}") -> Any:
+        values = json_object(info, "info")
+        return await run_in_threadpool(app_instance().datastore().update_label_info, label, tag, values)
+
+    return router

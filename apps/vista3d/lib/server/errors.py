@@ -1,0 +1,53 @@
+"""Domain errors -> HTTP status codes, in one place.
+
+The segmentation core and the datastore raise plain exceptions that say what is wrong; only here
+do they become status codes, with the message unchanged as the answer's ``detail``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+
+from ..datastore import DatastoreError, UnknownImageError
+from ..imageio import ImageError
+from ..infers.vista3d import UnknownModelError
+from ..prompts import PromptError
+from ..zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited
+
+__all__ = ["STATUS", "install_error_handlers"]
+
+logger = logging.getLogger(__name__)
+
+STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (PromptError, 400),  # malformed or unsupported prompt, point outside the image, bad output options
+    (DatastoreError, 400),  # id or tag that is not a plain name, file type not accepted
+    (UnknownImageError, 404),
+    (UnknownModelError, 404),
+    (ImageNotFoundException, 404),
+    (LabelNotFoundException, 404),
+    (ZeroShotNamesExhausted, 409),
+    (ImageError, 422),  # unreadable image or label, label on another grid
+    (ZeroShotRateLimited, 429),
+)
+
+
+def _handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        headers = {}
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers["retry-after"] = str(int(retry_after))
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    return handle
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for cls, status in STATUS:
+        app.add_exception_handler(cls, _handler(status))

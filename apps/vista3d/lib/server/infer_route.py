@@ -1,0 +1,99 @@
+"""``POST /infer/{model}``: the request checked and built here, the segmentation run off the event loop.
+
+It replaces MONAI Label's route, which merged the client's ``params`` over the request (so
+``params.image`` could name any file on the server), wrote uploads to temporary files that a
+rejected request left behind, logged the whole params (up to a megabyte a line) and ran the
+inference on the event loop. Here the image is a datastore id, the keys the server sets cannot
+come from the client, an uploaded label lives only as long as the request, and the caller's
+name (the session owner) is handed inward as a plain string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from monailabel.endpoints.infer import ResultType, send_response
+from monailabel.interfaces.utils.app import app_instance
+
+from ..datastore import LABEL_EXTENSIONS, check_plain_name
+from ..infers.vista3d import LABEL_FILE_KEY, USER_KEY
+from .auth import Identity
+from .forms import json_object, upload_to_temp
+from .users import Role
+
+__all__ = ["SERVER_KEYS", "infer_router", "session_owner"]
+
+logger = logging.getLogger(__name__)
+
+# Request keys only the server sets; a client's params holding any of them are refused.
+SERVER_KEYS = frozenset({"model", "image", "file", "session", "description", USER_KEY, LABEL_FILE_KEY})
+
+
+def session_owner(identity: Identity, params: dict[str, Any]) -> str:
+    """Whose session a request edits: the signed-in user, else Slicer's ``client_id``, else one anonymous session."""
+    if identity.signed_in:
+        return identity.name
+    client = params.get("client_id")
+    if isinstance(client, str) and client.strip():
+        return f"client:{client.strip()[:64]}"
+    return "anonymous"
+
+
+def _check_params(params: dict[str, Any], identity: Identity) -> None:
+    reserved = sorted(SERVER_KEYS & params.keys())
+    if reserved:
+        raise HTTPException(
+            status_code=400,
+            detail=f"params may not set {reserved}: the image is the query parameter 'image' (a datastore id) "
+            "and a previous label is the file field 'label'",
+        )
+    if params.get("label_tag") is not None:
+        check_plain_name(str(params["label_tag"]), "label_tag")
+    if params.get("save_label") and not identity.may(Role.ANNOTATOR):
+        raise HTTPException(
+            status_code=403, detail="save_label stores the result as a label: it needs the annotator role"
+        )
+
+
+def infer_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/infer/{model}", summary="Segment an image of the datastore (auto, clicks, zero-shot)")
+    async def infer(
+        request: Request,
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: Annotated[str, Form()] = "{}",
+        file: Annotated[UploadFile | None, File()] = None,
+        label: Annotated[UploadFile | None, File()] = None,
+        output: ResultType | None = None,
+    ) -> Any:
+        if file is not None or session_id:
+            raise HTTPException(
+                status_code=400,
+                detail="this server infers on datastore images only: upload with PUT /datastore/image, "
+                "then pass its id",
+            )
+        if not image:
+            raise HTTPException(status_code=400, detail="the query parameter 'image' (a datastore id) is required")
+        identity: Identity = request.state.identity
+        body = json_object(params, "params")
+        _check_params(body, identity)
+        owner = session_owner(identity, body)
+        logger.info("Infer request by %s: %s", owner, json.dumps({"model": model, "image": image, "params": body}))
+        built = {**body, "model": model, "image": image, USER_KEY: owner}
+        instance = app_instance()
+        if label is None:
+            result = await run_in_threadpool(instance.infer, built)
+        else:
+            with upload_to_temp(label, LABEL_EXTENSIONS, "label file") as label_file:
+                result = await run_in_threadpool(instance.infer, {**built, LABEL_FILE_KEY: label_file})
+        return send_response(instance.datastore(), result, output, background_tasks)
+
+    return router
