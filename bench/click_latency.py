@@ -10,10 +10,12 @@ then one at the centre of the largest error region of the current result) throug
 
 Both sides use the same network object and weights, get the image already preprocessed, and return
 a label on the original grid. ``--auto`` instead times whole-volume class inference against MONAI's
-``SlidingWindowInferer`` and checks that the label maps agree. One JSON line per run on stdout.
+``SlidingWindowInferer`` and checks that the label maps agree, per class (``vista3d`` then uses the
+trained stand-in of ``bench/auto_standin.py`` unless ``--weights`` is given). One JSON line per run
+on stdout.
 
     python bench/click_latency.py --preset small
-    python bench/click_latency.py --preset vista3d --auto
+    python bench/click_latency.py --preset vista3d --auto --auto-image ../shared/data/totalseg/example_ct_sm.nii.gz
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from auto_standin import HEAD_PATH, standin_network
 from common import DATA, Case, multiclass_agreement, parse_case, peak_rss_mb
 from http_pass import http_clicks
 from monai.apps.vista3d.inferer import point_based_window_inferer
@@ -177,38 +180,71 @@ def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine
     return out
 
 
+MIN_CLASS_VOXELS = 1000  # a class "present" for the agreement criterion: at least 3.4 cm³ at 1.5 mm
+
+
+def per_class_agreement(reference: np.ndarray, app: np.ndarray, classes: list[int]) -> dict[str, dict]:
+    """Dice per class present in the reference (voxel counts beside it, so specks can be told apart)."""
+    out = {}
+    for c in classes:
+        ref, got = reference == c, app == c
+        n_ref, n_app = int(ref.sum()), int(got.sum())
+        if n_ref:
+            dice = 2.0 * int((ref & got).sum()) / (n_ref + n_app)
+            out[str(c)] = {"dice": round(dice, 5), "reference_voxels": n_ref, "app_voxels": n_app}
+    return out
+
+
+def auto_weights(args: argparse.Namespace, model: LoadedModel) -> None:
+    """``vista3d`` without ``--weights``: the trained stand-in (bench/auto_standin.py), not random weights."""
+    if args.preset == "vista3d" and args.weights == "none":
+        model.network = standin_network()
+        model.weights = str(HEAD_PATH)
+
+
 def auto_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine) -> dict:
+    """Whole-volume class inference: MONAI's SlidingWindowInferer + VistaPostTransformd, then the app's path."""
+    auto_weights(args, model)
     patch = patch_size_for(args.preset)
     state = new_state(str(args.auto_image), LABELS.preprocessing, patch)
     image = state.image
-    classes = [int(c) for c in args.auto_classes.split(",")]
-    class_vector = torch.tensor(classes).unsqueeze(1)
-    inferer = SlidingWindowInferer(roi_size=patch, overlap=LABELS.sw_overlap, sw_batch_size=1)
-    start = time.perf_counter()
-    with torch.no_grad():
-        logits = inferer(image.unsqueeze(0), lambda x: model.network(x, class_vector=class_vector, transpose=True))
-        reference = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})[
-            "pred"
-        ][0]
-    reference_s = time.perf_counter() - start
-    del logits
-    start = time.perf_counter()
-    app = engine.auto(image, classes)
-    app_s = time.perf_counter() - start
-    return {
+    everything = args.auto_classes == "everything"
+    classes = list(LABELS.everything) if everything else [int(c) for c in args.auto_classes.split(",")]
+    out: dict = {
         "mode": "auto",
         "preset": args.preset,
         "weights": model.version,
         "precision": args.precision,
+        "threads": torch.get_num_threads(),
+        "auto_memory_mb": engine.auto_memory_mb,
         "image": Path(args.auto_image).name,
         "model_grid": list(image.shape[1:]),
-        "classes": classes,
-        "reference_s": round(reference_s, 2),
-        "app_s": round(app_s, 2),
-        "speedup": round(reference_s / app_s, 2),
-        "agreement_dice": round(multiclass_agreement(reference.numpy().astype(np.int16), app.numpy()), 5),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "classes": classes if len(classes) < 20 else f"{len(classes)} classes",
     }
+    reference = None
+    if not args.auto_app_only:
+        class_vector = torch.tensor(classes).unsqueeze(1)
+        inferer = SlidingWindowInferer(roi_size=patch, overlap=LABELS.sw_overlap, sw_batch_size=1)
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = inferer(image.unsqueeze(0), lambda x: model.network(x, class_vector=class_vector, transpose=True))
+            post = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})
+        out["reference_s"] = round(time.perf_counter() - start, 2)
+        reference = post["pred"][0].numpy().astype(np.int16)
+        del logits, post
+    start = time.perf_counter()
+    app = engine.auto(image, classes).numpy()
+    out["app_s"] = round(time.perf_counter() - start, 2)
+    if reference is not None:
+        agreement = per_class_agreement(reference, app, classes)
+        present = [a["dice"] for a in agreement.values() if a["reference_voxels"] >= MIN_CLASS_VOXELS]
+        out["speedup"] = round(out["reference_s"] / out["app_s"], 2)
+        out["agreement_dice"] = round(multiclass_agreement(reference, app), 5)
+        out["agreement_min_class_dice"] = min(present) if present else None
+        out["min_class_voxels"] = MIN_CLASS_VOXELS
+        out["agreement_per_class"] = agreement
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return out
 
 
 def main() -> None:
@@ -231,14 +267,18 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true", help="skip the pass through the HTTP server")
     parser.add_argument("--auto", action="store_true", help="time automatic segmentation instead of clicks")
     parser.add_argument("--auto-image", default=str(DATA / "totalseg" / "example_ct.nii.gz"))
-    parser.add_argument("--auto-classes", default="1,3,4,5,6,7,10,12,14")
+    parser.add_argument("--auto-classes", default="1,3,4,5,6,7,10,12,14", help="ids, or 'everything'")
+    parser.add_argument("--auto-app-only", action="store_true", help="skip the reference (peak RSS of the app alone)")
+    parser.add_argument("--auto-memory-mb", type=int, default=Settings().auto_memory_mb)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     weights = args.weights or ("starter" if args.preset == "small" else "none")
     args.weights = weights
     model = load_model(args.preset, weights, Path("/nonexistent"), torch.device("cpu"))
-    engine = Engine(model, patch_size_for(args.preset), LABELS.sw_overlap, LABELS.special, args.precision)
+    engine = Engine(
+        model, patch_size_for(args.preset), LABELS.sw_overlap, LABELS.special, args.precision, args.auto_memory_mb
+    )
     result = auto_benchmark(args, model, engine) if args.auto else click_benchmark(args, model, engine)
     print(json.dumps(result))
 

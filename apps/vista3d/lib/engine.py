@@ -13,9 +13,9 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import SlidingWindowInferer
 from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
+from .auto_infer import OnWindow, auto_segment
 from .model import LoadedModel
 from .point_head import HeadFeatures, predict, prepare
 from .sessions import ImageState
@@ -24,10 +24,6 @@ from .settings import PRECISIONS
 __all__ = ["Engine", "WindowLogits", "pad_to_patch"]
 
 logger = logging.getLogger(__name__)
-
-# Logits are stitched in float16 to halve the memory of "everything" (127 channels per voxel);
-# clamping keeps sums of overlapping windows finite. Signs, hence labels, are unaffected.
-_LOGIT_CLAMP = 100.0
 
 Box3 = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -85,8 +81,8 @@ class Engine:
     With ``precision="bf16"`` the click path (window encoder and point head) runs convolutions and
     matrix products under bfloat16 autocast (softmax and normalisation statistics stay float32):
     about 1.6x faster later clicks and 2x faster first clicks on a CPU with AVX512-BF16. The
-    automatic path always runs in float32: there bfloat16 was 3x faster but its label maps agreed
-    with MONAI's reference only to Dice 0.974 (random weights), below the 0.99 we hold it to.
+    automatic path (:mod:`.auto_infer`) runs only some of its stages in bfloat16, chosen so that
+    its label maps agree with MONAI's float32 reference per class (see :mod:`.auto_forward`).
     """
 
     def __init__(
@@ -96,6 +92,7 @@ class Engine:
         overlap: float,
         special: frozenset[int],
         precision: str = "fp32",
+        auto_memory_mb: int = 2048,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -104,6 +101,7 @@ class Engine:
         self.overlap = overlap
         self.special = special
         self.precision = precision
+        self.auto_memory_mb = auto_memory_mb
         self._pos: dict[str, torch.Tensor] = {}  # positional encoding of a window, per weights version
 
     @property
@@ -121,22 +119,22 @@ class Engine:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    @torch.inference_mode()
-    def auto(self, image: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
-        """[1, h, w, d] preprocessed image -> [h, w, d] int16 global ids (0 where no class is positive)."""
-        device = self.model.device
-        class_vector = torch.tensor(list(class_ids), device=device).unsqueeze(1)
+    def auto(self, image: torch.Tensor, class_ids: Sequence[int], on_window: OnWindow | None = None) -> torch.Tensor:
+        """[1, h, w, d] preprocessed image -> [h, w, d] int16 global ids (0 where no class is positive).
 
-        def predictor(window: torch.Tensor) -> torch.Tensor:
-            logits = self.network(window.float(), class_vector=class_vector, transpose=True)
-            return logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP).half()
-
-        inferer = SlidingWindowInferer(roi_size=self.patch, overlap=self.overlap, sw_batch_size=1, mode="constant")
-        logits = inferer(image.unsqueeze(0).to(device).half(), predictor)[0]
-        best, arg = logits.max(0)
-        ids = torch.tensor(list(class_ids), dtype=torch.int16, device=arg.device)[arg]
-        ids[best <= 0] = 0
-        return ids.cpu()
+        MONAI's sliding-window answer (see :mod:`.auto_infer`); ``on_window(i, n)`` is called before
+        window pass ``i`` of ``n`` and may block, or raise to cancel the request.
+        """
+        return auto_segment(
+            self.network,
+            image,
+            class_ids,
+            self.patch,
+            self.overlap,
+            bf16=self.precision == "bf16",
+            budget_bytes=self.auto_memory_mb * 2**20,
+            on_window=on_window,
+        )
 
     def _windows_for(self, state: ImageState, points: np.ndarray) -> list[tuple[int, int, int]]:
         """Windows for clicks: one already chosen or cached that :func:`can_reuse` allows, else one centred on it.

@@ -74,10 +74,13 @@ class Settings:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         threads: torch intra-op threads; defaults to the cores this process may use.
         precision: ``bf16`` (default) runs the click path's convolutions and matrix products
-            under bfloat16 autocast, ``fp32`` runs it in float32; the automatic path is always
-            float32 (see :class:`.engine.Engine`).
+            under bfloat16 autocast, ``fp32`` runs it in float32; for the automatic path ``bf16``
+            runs the encoder's low-resolution levels and the label decoder in bfloat16 (see
+            :mod:`.auto_forward`).
         session_cache_mb: memory budget of the per-image session state (preprocessed image,
             previous result, cached encoder features); least recently used images are dropped.
+        auto_memory_mb: the stitching buffer of one automatic segmentation; a larger image is
+            stitched in blocks (see :mod:`.auto_plan`), so memory stays bounded and time grows.
         train_trigger: a point-branch fine-tune starts once this many ``final`` labels are new
             since the last training (0 turns the automatic loop off; ``/train`` still works).
         train_debounce_s: seconds to wait after the triggering save, so a burst of submits makes
@@ -105,6 +108,7 @@ class Settings:
     threads: int = field(default_factory=_available_cores)
     precision: str = "bf16"
     session_cache_mb: int = 4096
+    auto_memory_mb: int = 2048
     train_trigger: int = 5
     train_debounce_s: float = 30.0
     train_threads: int = field(default_factory=lambda: max(1, _available_cores() // 2))
@@ -144,6 +148,7 @@ class Settings:
             elif key in (
                 "threads",
                 "session_cache_mb",
+                "auto_memory_mb",
                 "train_steps",
                 "train_threads",
                 "max_points",

@@ -1,0 +1,90 @@
+"""The automatic branch's forward pass, stage by stage, each stage in the precision a policy gives it.
+
+``SegResNetDS2.forward`` runs the encoder, then the label decoder (``up_layers_auto``); the class
+head's ``image_post_mapping`` follows. Reduced precision helps most where float32 is slow and
+hurts agreement most where the output is formed, so the precision is chosen per stage:
+
+* ``init``: the first convolution (full resolution);
+* ``down0`` .. ``down{L-1}``: the encoder's levels, full resolution first;
+* ``up0`` .. ``up{L-2}``: the label decoder's levels, coarsest first (the last one is full resolution);
+* ``head``: the class head's ``image_post_mapping``.
+
+A stage named in the policy runs under bfloat16 autocast (oneDNN's fast path on CPUs with
+AVX512-BF16; in float32 PyTorch sends MONAI's small low-resolution 3D convolutions at batch 1 to
+its slow reference kernel); every other stage runs in float32 on float32 inputs.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from monai.networks.nets import SegResNetDS2
+from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify
+
+__all__ = ["FLOAT32_STAGES", "bf16_stages", "stages", "window_features"]
+
+# With ``precision=bf16``, the stages kept in float32: the encoder's full-resolution level and the
+# class head (the measured choice, see the README's automatic-segmentation table).
+FLOAT32_STAGES = frozenset({"init", "down0", "head"})
+
+
+def stages(network: VISTA3D) -> list[str]:
+    """The stage names of ``network``'s automatic branch, in execution order."""
+    encoder = cast(SegResNetDS2, network.image_encoder)
+    levels = len(encoder.encoder.layers)
+    return ["init", *[f"down{i}" for i in range(levels)], *[f"up{i}" for i in range(levels - 1)], "head"]
+
+
+def bf16_stages(network: VISTA3D, bf16: bool) -> frozenset[str]:
+    """The stages run in bfloat16: none, or all but :data:`FLOAT32_STAGES`."""
+    return frozenset(stages(network)) - FLOAT32_STAGES if bf16 else frozenset()
+
+
+def window_features(network: VISTA3D, window: torch.Tensor, bf16_stages: frozenset[str]) -> torch.Tensor:
+    """[1, 1, p, p, p] window -> [C, p, p, p] float32 post-mapped class-head features.
+
+    Equal to ``class_head.image_post_mapping(image_encoder(window)[1])`` when no stage is in
+    bfloat16 (tested); ``bf16_stages`` names the stages run under bfloat16 autocast.
+    """
+    encoder = cast(SegResNetDS2, network.image_encoder)
+    if encoder.preprocess is not None or encoder.encoder.head_module is not None:
+        raise ValueError("the automatic path expects a SegResNetDS2 encoder without preprocess or head module")
+    device = window.device.type
+
+    def run(stage: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        bf16 = stage in bf16_stages
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            return cast(torch.Tensor, module(x if bf16 else x.float()))
+
+    x = run("init", encoder.encoder.conv_init, window)
+    skips: list[torch.Tensor] = []
+    for i, level in enumerate(cast(torch.nn.ModuleList, encoder.encoder.layers)):
+        level = cast(torch.nn.ModuleDict, level)
+        x = run(f"down{i}", level["blocks"], x)
+        skips.append(x)
+        x = run(f"down{i}", level["downsample"], x)
+    skips.reverse()
+    x = skips.pop(0)
+    out = x
+    for i, level in enumerate(cast(torch.nn.ModuleList, encoder.up_layers_auto)):
+        level = cast(torch.nn.ModuleDict, level)
+        stage = f"up{i}"
+        x = run(stage, level["upsample"], x)
+        x = run(stage, _Add(skips[i]), x)
+        x = run(stage, level["blocks"], x)
+        if len(encoder.up_layers_auto) - i <= encoder.dsdepth:
+            out = run(stage, level["head"], x)
+    head = cast(ClassMappingClassify, network.class_head)
+    return run("head", head.image_post_mapping, out).float()[0]
+
+
+class _Add(torch.nn.Module):
+    """The decoder's skip connection as a module, so that it runs in its stage's precision."""
+
+    def __init__(self, skip: torch.Tensor) -> None:
+        super().__init__()
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.skip

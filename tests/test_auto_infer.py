@@ -1,0 +1,204 @@
+"""The automatic path against MONAI's reference on real CT with the trained starter weights.
+
+The reference is what the published bundle runs: ``SlidingWindowInferer`` (constant weights, the
+bundle's 0.3 overlap) over ``VISTA3D.forward``, then ``VistaPostTransformd``. The CT is a crop of
+the abdominal scan (the starter's automatic branch was trained on its organs, so its logits are
+those of a trained network there), small enough for the whole module to run in well under a minute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.apps.vista3d.transforms import VistaPostTransformd
+from monai.data.utils import dense_patch_slices
+from monai.inferers import SlidingWindowInferer
+from monai.inferers.utils import _get_scan_interval
+
+from lib.auto_forward import stages, window_features
+from lib.auto_infer import auto_segment
+from lib.auto_plan import axis_starts, plan_blocks
+from lib.engine import Engine
+from lib.labels import load_label_dictionary
+from lib.model import LoadedModel, load_model, patch_size_for
+from lib.segment import new_state
+from lib.settings import Settings
+
+from .conftest import DATA
+
+LABELS = load_label_dictionary()
+PATCH = patch_size_for("small")
+ORGANS = [1, 3, 4, 5, 6, 7, 10, 12, 14]
+MIN_CLASS_VOXELS = 1000  # smaller "classes" are specks where any rounding flips a voxel or two
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return load_model("small", "starter", Path("/nonexistent"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def crop() -> torch.Tensor:
+    """110 x 100 x 90 voxels of the abdominal scan's model grid around liver, kidney and spleen (12 windows)."""
+    state = new_state(str(DATA / "totalseg" / "example_ct.nii.gz"), LABELS.preprocessing, PATCH)
+    return state.image[:, 60:170, 40:140, 60:150].contiguous()
+
+
+@pytest.fixture(scope="module")
+def small_crop(crop: torch.Tensor) -> torch.Tensor:
+    """64 x 100 x 70 voxels (4 windows) for the tests that run the path several times."""
+    return crop[:, 20:84, :, :70].contiguous()
+
+
+def reference(model: LoadedModel, image: torch.Tensor, classes: list[int]) -> np.ndarray:
+    vector = torch.tensor(classes).unsqueeze(1)
+    inferer = SlidingWindowInferer(roi_size=PATCH, overlap=LABELS.sw_overlap, sw_batch_size=1)
+    with torch.no_grad():
+        logits = inferer(image.unsqueeze(0), lambda x: model.network(x, class_vector=vector, transpose=True))
+        pred = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})["pred"]
+    return pred[0].numpy().astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def organs_reference(model: LoadedModel, crop: torch.Tensor) -> np.ndarray:
+    return reference(model, crop, ORGANS)
+
+
+@pytest.fixture(scope="module")
+def small_crop_bf16(model: LoadedModel, small_crop: torch.Tensor) -> torch.Tensor:
+    return engine(model, "bf16").auto(small_crop, ORGANS)
+
+
+def engine(model: LoadedModel, precision: str, auto_memory_mb: int = 2048) -> Engine:
+    return Engine(model, PATCH, LABELS.sw_overlap, LABELS.special, precision, auto_memory_mb)
+
+
+def per_class_dice(ref: np.ndarray, got: np.ndarray) -> dict[int, tuple[float, int]]:
+    out = {}
+    for c in np.unique(ref[ref > 0]):
+        a, b = ref == c, got == c
+        out[int(c)] = (2.0 * int((a & b).sum()) / (int(a.sum()) + int(b.sum())), int(a.sum()))
+    return out
+
+
+@pytest.mark.parametrize("size", [64, 65, 100, 128, 243])
+@pytest.mark.parametrize("overlap", [0.0, 0.3, 0.5])
+def test_window_starts_are_monai_s(size: int, overlap: float) -> None:
+    image_size, patch = (size, 70, 64), (64, 64, 64)
+    monai = dense_patch_slices(image_size, patch, _get_scan_interval(image_size, patch, 3, (overlap,) * 3))
+    assert sorted({s[0].start for s in monai}) == axis_starts(size, 64, overlap)
+
+
+def test_plan_tiles_the_volume_within_the_budget() -> None:
+    size, patch = (243, 201, 223), (128, 128, 128)
+    roomy = plan_blocks(size, patch, 0.3, 48, 4 << 30)
+    assert len(roomy.blocks) == 1 and roomy.window_passes == 3 * 2 * 3
+    tight = plan_blocks(size, patch, 0.3, 48, 256 << 20)
+    assert tight.buffer_bytes <= 256 << 20 < roomy.buffer_bytes
+    covered = np.zeros(size[1:], dtype=np.int32)
+    for b in tight.blocks:
+        covered[b.lo[0] : b.hi[0], b.lo[1] : b.hi[1]] += 1
+    assert (covered == 1).all()  # the blocks partition axes 1 and 2
+    assert tight.window_passes > roomy.window_passes  # windows on a block edge are encoded per block
+
+
+def test_auto_memory_setting_is_parsed_at_the_edge() -> None:
+    assert Settings.from_conf({}).auto_memory_mb == 2048
+    assert Settings.from_conf({"auto_memory_mb": "512"}).auto_memory_mb == 512
+    with pytest.raises(ValueError, match="auto_memory_mb"):
+        Settings.from_conf({"auto_memory_mb": "0"})
+
+
+@torch.inference_mode()
+def test_staged_forward_in_float32_is_the_network_s(model: LoadedModel, small_crop: torch.Tensor) -> None:
+    window = small_crop[:, :, :64, :64].unsqueeze(0)
+    _, out_auto = model.network.image_encoder(window, with_point=False, with_label=True)
+    expected = model.network.class_head.image_post_mapping(out_auto)[0]
+    assert stages(model.network)[0] == "init" and stages(model.network)[-1] == "head"
+    assert torch.allclose(window_features(model.network, window, frozenset()), expected, atol=1e-5)
+
+
+def test_fp32_is_the_reference(model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray) -> None:
+    app = engine(model, "fp32").auto(crop, ORGANS).numpy()
+    # Same windows, same float32 network; only the order of float sums differs.
+    assert (app == organs_reference).mean() >= 0.99999
+
+
+def test_bf16_agrees_per_class(model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray) -> None:
+    app = engine(model, "bf16").auto(crop, ORGANS).numpy()
+    dice = per_class_dice(organs_reference, app)
+    assert any(n >= MIN_CLASS_VOXELS for _, n in dice.values())  # the crop holds organs the starter finds
+    for c, (d, n) in dice.items():
+        if n >= MIN_CLASS_VOXELS:
+            assert d >= 0.99, f"class {c} ({n} voxels): Dice {d:.4f} against the float32 reference"
+    assert (app == organs_reference).mean() >= 0.999
+
+
+def test_more_classes_than_features_stitch_features(model: LoadedModel, small_crop: torch.Tensor) -> None:
+    classes = list(LABELS.everything[:20])  # 20 classes > the head's 16 feature channels
+    app = engine(model, "fp32").auto(small_crop, classes).numpy()
+    assert (app == reference(model, small_crop, classes)).mean() >= 0.99999
+
+
+def test_a_tight_budget_gives_the_same_answer(
+    model: LoadedModel, small_crop: torch.Tensor, small_crop_bf16: torch.Tensor
+) -> None:
+    calls: list[tuple[int, int]] = []
+    budget = 6 << 20  # 9 classes x 64 planes x 100 x 70 x 4 bytes = 16 MB in one block: 2 x 2 blocks
+    assert len(plan_blocks(small_crop.shape[1:], PATCH, LABELS.sw_overlap, 9, budget).blocks) == 4
+    tight = auto_segment(
+        model.network,
+        small_crop,
+        ORGANS,
+        PATCH,
+        LABELS.sw_overlap,
+        bf16=True,
+        budget_bytes=budget,
+        on_window=lambda i, n: calls.append((i, n)),
+    )
+    assert calls[-1] == (15, 16)  # every window overlaps every block here, so each ran 4 times
+    assert torch.equal(small_crop_bf16, tight)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_a_raising_on_window_cancels(model: LoadedModel, small_crop: torch.Tensor) -> None:
+    eng = engine(model, "bf16")
+    calls: list[tuple[int, int]] = []
+
+    def cancel_at_two(i: int, n: int) -> None:
+        calls.append((i, n))
+        if i == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        eng.auto(small_crop, ORGANS, on_window=cancel_at_two)
+    assert calls == [(0, 4), (1, 4), (2, 4)]  # window 2 never ran, nor any after it
+    assert eng.auto(small_crop, ORGANS).shape == small_crop.shape[1:]  # the engine serves on
+
+
+def test_a_blocking_on_window_only_delays(
+    model: LoadedModel, small_crop: torch.Tensor, small_crop_bf16: torch.Tensor
+) -> None:
+    eng = engine(model, "bf16")
+    release = threading.Event()
+    threading.Timer(0.5, release.set).start()
+    calls: list[tuple[int, int]] = []
+
+    def wait_at_one(i: int, n: int) -> None:
+        calls.append((i, n))
+        if i == 1:
+            release.wait(10)
+
+    start = time.perf_counter()
+    got = eng.auto(small_crop, ORGANS, on_window=wait_at_one)
+    assert time.perf_counter() - start >= 0.5
+    assert calls == [(i, 4) for i in range(4)]
+    assert torch.equal(got, small_crop_bf16)
