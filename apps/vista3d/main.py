@@ -63,6 +63,7 @@ class MyApp(MONAILabelApp):
             overlap=self.dictionary.sw_overlap,
             special=self.dictionary.special,
             precision=self.settings.precision,
+            auto_memory_mb=self.settings.auto_memory_mb,
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
         warm_up_writer()
