@@ -15,6 +15,7 @@ trained stand-in of ``bench/auto_standin.py`` unless ``--weights`` is given). On
 on stdout.
 
     python bench/click_latency.py --preset small
+    python bench/click_latency.py --preset small --quality      # Dice per click: app vs reference
     python bench/click_latency.py --preset vista3d --auto --auto-image ../shared/data/totalseg/example_ct_sm.nii.gz
 """
 
@@ -45,6 +46,7 @@ from lib.segment import new_state, segment_points
 from lib.sessions import ImageState
 from lib.settings import PRECISIONS, Settings
 from lib.simulate import deepest_voxel, dice, next_click
+from lib.trainers.corpus import SARCOMA_HELDOUT
 
 logger = logging.getLogger("click_latency")
 LABELS = load_label_dictionary()
@@ -128,6 +130,35 @@ def later(times: list[float]) -> float:
     return statistics.median(times[1:]) if len(times) > 1 else float("nan")
 
 
+# The click-quality case set (--quality): the held-out sarcoma cases and five abdominal organs
+# (TotalSegmentator value -> VISTA3D id: liver, spleen, right kidney, left kidney, stomach).
+ORGANS = ((5, 1), (1, 3), (2, 5), (3, 14), (6, 12))
+QUALITY_CASES = [
+    *(str(DATA / "sts" / f"{c}_ct.nii.gz") for c in SARCOMA_HELDOUT),
+    *(f"{DATA / 'totalseg' / 'example_ct.nii.gz'}:{DATA / 'totalseg' / 'example_seg_fast_force_split.nii.gz'}:{v}:{i}"
+      for v, i in ORGANS),
+]  # fmt: skip
+
+
+def _padded(dices: list[float], clicks: int) -> list[float]:
+    """A session that ended early (perfect result) keeps its last Dice for the clicks it did not need."""
+    return dices + [dices[-1]] * (clicks - len(dices)) if dices else [0.0] * clicks
+
+
+def dice_per_click(rows: list[dict], clicks: int) -> dict[str, dict]:
+    """Mean Dice after each click, reference and app, for the sarcoma cases and for the organs."""
+    out = {}
+    for group, rows_ in (("sarcoma", [r for r in rows if r["class_id"] > 132]),
+                         ("organs", [r for r in rows if r["class_id"] <= 132])):  # fmt: skip
+        if rows_:
+            out[group] = {
+                "cases": len(rows_),
+                **{side: [round(float(x), 4) for x in np.mean([_padded(r[f"{side}_dice"], clicks) for r in rows_], 0)]
+                   for side in ("reference", "app")},
+            }  # fmt: skip
+    return out
+
+
 def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine) -> dict:
     patch = patch_size_for(args.preset)
     rows = []
@@ -171,6 +202,7 @@ def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine
         "speedup_first": round(ref_first / app_first, 2),
         "speedup_later": round(ref_later / app_later, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "dice_per_click": dice_per_click(rows, args.clicks),
         "cases": rows,
     }
     http_rows = [r for r in rows if "http_s" in r]
@@ -265,12 +297,17 @@ def main() -> None:
         help="the app's precision (default: the server's)",
     )
     parser.add_argument("--no-http", action="store_true", help="skip the pass through the HTTP server")
+    parser.add_argument(
+        "--quality", action="store_true", help="click quality: held-out sarcoma cases and 5 organs, no HTTP pass"
+    )
     parser.add_argument("--auto", action="store_true", help="time automatic segmentation instead of clicks")
     parser.add_argument("--auto-image", default=str(DATA / "totalseg" / "example_ct.nii.gz"))
     parser.add_argument("--auto-classes", default="1,3,4,5,6,7,10,12,14", help="ids, or 'everything'")
     parser.add_argument("--auto-app-only", action="store_true", help="skip the reference (peak RSS of the app alone)")
     parser.add_argument("--auto-memory-mb", type=int, default=Settings().auto_memory_mb)
     args = parser.parse_args()
+    if args.quality:
+        args.cases, args.no_http = QUALITY_CASES, True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     weights = args.weights or ("starter" if args.preset == "small" else "none")

@@ -1,62 +1,68 @@
 #!/usr/bin/env python
-"""The annotation loop, simulated on real CT: how much the point branch gains per corrected label.
+"""The annotation loop, simulated on real CT: how much the served model gains per corrected label.
 
-Cases of ``--train`` are "corrected" one at a time (the ground truth stands in for the annotator's
-final label, saved under the zero-shot id 133) into a temporary local datastore; every ``--every``
-labels the server's own point round runs in process (:class:`lib.trainers.tasks.PointTrainTask`:
-persisted validation split, replay, promotion gate, model store) and the served version is
-reloaded as the server does. After 0, 5, 10 and 20 labels every ``--holdout`` case is segmented
-by the simulated annotator: Dice after 1, 3 and 5 clicks. Forgetting: the automatic branch's
-Dice on the abdominal scan's organs before and after.
+From the shipped starter (``--weights``, default: the ``small`` preset's starter), the sarcoma cases
+the starter never saw (``SARCOMA_CURVE``, 20 of them) are "corrected" one at a time (the ground
+truth stands in for the annotator's final label, saved under the zero-shot id 133) into a temporary
+local datastore; every ``--every`` labels the server's own point round runs in process
+(:class:`lib.trainers.tasks.PointTrainTask`: persisted validation split, replay, round learning
+rate, early stop, gate, model store) and the served version is reloaded as the server does.
 
-    .venv/bin/python bench/learning_curve.py --weights artifacts/zeroshot/lowlevel.pt
+After 0, 5, 10, 15 and 20 labels every held-out case (``SARCOMA_HELDOUT``, 10 cases nobody trains
+on) is segmented by the simulated annotator: Dice after 1, 3 and 5 clicks. Every candidate,
+promoted or refused, is scored on the held-out cases as well, so each gate decision can be judged:
+right when it promoted a candidate at least as good on the held-out cases (mean Dice over 5 clicks)
+or refused a worse one. Forgetting: the automatic branch's Dice on the abdominal scan's organs
+before and after.
 
-Without ``--train``/``--holdout``, ``../shared/data/sts`` is split: STS_001..020 train, 021..035 holdout.
+    .venv/bin/python bench/learning_curve.py
+
 Prints one JSON line; writes ``learning_curve.json`` and ``learning_curve.png`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from common import DATA, ROOT
+from monai.networks.nets.vista3d import VISTA3D
 
 from lib.datastore import SafeLocalDatastore
-from lib.engine import Engine
-from lib.labels import load_label_dictionary
-from lib.model import load_model, patch_size_for
+from lib.labels import LabelDictionary, load_label_dictionary
+from lib.model import STARTER_WEIGHTS, LoadedModel, load_model
 from lib.model_store import ModelReloader, ModelStore
 from lib.settings import Settings
-from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice
-from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_click_cases
-from lib.trainers.data import SARCOMA_ID
-from lib.trainers.tasks import PointTrainTask
+from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice, scoring_engine
+from lib.trainers.corpus import ABDOMEN, SARCOMA_CURVE, SARCOMA_HELDOUT, abdomen_volume, sarcoma_click_cases
+from lib.trainers.data import SARCOMA_ID, CachedVolume
+from lib.trainers.tasks import PointTrainTask, Trained
 
 logger = logging.getLogger("learning_curve")
 
 PRESET = "small"
 CLICKS = (1, 3, 5)
+SARCOMA_DIR = DATA / "sts"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=Path, help="X_ct.nii.gz + X_gtv.nii.gz cases to correct, in name order")
-    p.add_argument("--holdout", type=Path, help="cases to measure on")
-    p.add_argument("--weights", type=Path, default=ROOT / "artifacts" / "zeroshot" / "lowlevel.pt")
+    p.add_argument("--weights", type=Path, default=STARTER_WEIGHTS, help="start weights (default: the starter)")
     p.add_argument("--every", type=int, default=5, help="a point round after every k labels")
-    p.add_argument("--measure-at", default="0,5,10,20", help="label counts at which the holdout is measured")
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps per round")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--tolerance", type=float, default=0.01, help="the promotion gate's tolerance")
+    p.add_argument("--measure-at", default="0,5,10,15,20", help="label counts at which the holdout is measured")
+    p.add_argument("--steps", type=int, help="optimiser steps per round at most (default: the server's)")
+    p.add_argument("--lr", type=float, help="base learning rate (default: the server's)")
+    p.add_argument("--tolerance", type=float, help="the promotion gate's tolerance (default: the server's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-forgetting", action="store_true", help="skip the organs' auto Dice (saves ~2 min)")
@@ -64,27 +70,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_split(root: Path) -> tuple[Path, Path]:
-    """STS_001..020 / STS_021..035 of the shared data, as folders of links."""
-    sts = DATA / "sts"
-    out = []
-    for name, cases in (("train", range(1, 21)), ("holdout", range(21, 36))):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in cases:
-            for kind in ("ct", "gtv"):
-                (folder / f"STS_{i:03d}_{kind}.nii.gz").symlink_to(sts / f"STS_{i:03d}_{kind}.nii.gz")
-        out.append(folder)
-    return out[0], out[1]
-
-
-def save_final(ds: SafeLocalDatastore, folder: Path, case: str, scratch: Path) -> None:
+def save_final(ds: SafeLocalDatastore, case: str, scratch: Path) -> None:
     """The annotator submits the ground truth as the final label (tumour = zero-shot id 133)."""
-    gtv = nib.load(str(folder / f"{case}_gtv.nii.gz"))
+    gtv = nib.load(str(SARCOMA_DIR / f"{case}_gtv.nii.gz"))
     path = scratch / f"{case}_final.nii.gz"
     data = (np.asarray(gtv.dataobj) > 0).astype(np.uint8) * SARCOMA_ID
     nib.save(nib.Nifti1Image(data, gtv.affine), str(path))  # type: ignore[attr-defined]
     ds.save_label(case, str(path), "final", {})
+
+
+class RecordingTask(PointTrainTask):
+    """The server's own point round, keeping each round's candidate so that it can be judged afterwards."""
+
+    candidate: VISTA3D | None = None
+
+    def train(self, network: VISTA3D, *args: Any, **kwargs: Any) -> Trained:
+        trained = super().train(network, *args, **kwargs)
+        self.candidate = copy.deepcopy(network)
+        return trained
+
+
+def heldout_scores(network: VISTA3D, cases: list, labels: LabelDictionary) -> dict[str, float]:
+    """Dice after 1, 3 and 5 clicks on the held-out cases, and ``score``: the mean over clicks 1..5."""
+    per_case = evaluate_clicks(scoring_engine(network, PRESET, labels), cases, SARCOMA_ID, max(CLICKS))
+    return {**mean_at(per_case, CLICKS), "score": round(float(np.mean(list(per_case.values()))), 4)}
+
+
+def run_round(task: RecordingTask, ds: SafeLocalDatastore, n: int, args: argparse.Namespace, holdout: list) -> dict:
+    """One point round after ``n`` labels, its candidate and the served model scored on the held-out cases."""
+    served = heldout_scores(task.model.network, holdout, task.labels)
+    request: dict[str, Any] = {"seed": args.seed + n}
+    if args.lr is not None:
+        request["lr"] = args.lr
+    result = task(request, ds)
+    candidate = heldout_scores(task.candidate, holdout, task.labels) if task.candidate is not None else served
+    promoted = result["promoted"] is not None
+    right = (candidate["score"] >= served["score"]) == promoted
+    logger.info("after %d labels: %s (held-out %.4f -> candidate %.4f: %s)", n, result["reason"], served["score"],
+                candidate["score"], "right" if right else "WRONG")  # fmt: skip
+    keep = ("promoted", "reason", "lr", "steps", "s_per_step", "seconds", "early_stop", "gate")
+    return {"labels": n, **{k: result.get(k) for k in keep}, "served_heldout": served,
+            "candidate_heldout": candidate, "decision_right": right}  # fmt: skip
+
+
+def organ_dice(model: LoadedModel, labels: LabelDictionary, abdomen: CachedVolume | None) -> dict[str, float] | None:
+    if abdomen is None:
+        return None
+    engine = scoring_engine(model.network, PRESET, labels)
+    return organ_auto_dice(engine, labels, abdomen.image, abdomen.label[0].numpy())
+
+
+def _mean(scores: dict[str, float] | None) -> float | None:
+    return round(float(np.mean(list(scores.values()))), 4) if scores else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,60 +131,61 @@ def main(argv: list[str] | None = None) -> int:
     labels = load_label_dictionary()
     measure_at = [int(x) for x in args.measure_at.split(",")]
     work = Path(tempfile.mkdtemp(prefix="learning_curve_"))
-    train_dir, holdout_dir = (args.train, args.holdout) if args.train else default_split(work / "cases")
-    train_cases = case_names(train_dir)[: max(measure_at)]
-    holdout = sarcoma_click_cases(holdout_dir, labels)
-
+    train_cases = list(SARCOMA_CURVE[: max(measure_at)])
+    holdout = sarcoma_click_cases(SARCOMA_DIR, labels, SARCOMA_HELDOUT)
     studies = work / "studies"
     studies.mkdir()
     for case in train_cases:
-        os.symlink((train_dir / f"{case}_ct.nii.gz").resolve(), studies / f"{case}.nii.gz")
+        os.symlink(SARCOMA_DIR / f"{case}_ct.nii.gz", studies / f"{case}.nii.gz")
     ds = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
-    conf = {"weights": str(args.weights), "train_steps": str(args.steps), "train_threads": str(args.threads)}
-    settings = Settings.from_conf({**conf, "promote_tolerance": str(args.tolerance)})
+    conf = {"weights": str(args.weights), "train_threads": str(args.threads)}
+    for key, value in (("train_steps", args.steps), ("promote_tolerance", args.tolerance)):
+        if value is not None:
+            conf[key] = str(value)
+    settings = Settings.from_conf(conf)
     model = load_model(PRESET, str(args.weights), work, torch.device("cpu"))
     store = ModelStore(studies / ".vista3d" / "models")
     reloader = ModelReloader(model, store)
-    task = PointTrainTask(settings, model, store, labels, str(studies))
-    engine = Engine(model, patch_size_for(PRESET), labels.sw_overlap, labels.special, precision="bf16")
+    task = RecordingTask(settings, model, store, labels, str(studies))
 
     abdomen = None if args.no_forgetting else abdomen_volume(DATA, labels)
-    organs_before = (
-        organ_auto_dice(engine, labels, abdomen.image, abdomen.label[0].numpy()) if abdomen is not None else None
-    )
+    organs_before = organ_dice(model, labels, abdomen)
     curve: dict[str, list] = {"labels": [], **{f"dice_{k}": [] for k in CLICKS}, "served_version": []}
     rounds = []
     start = time.perf_counter()
     for n in range(0, len(train_cases) + 1):
         if n > 0:
-            save_final(ds, train_dir, train_cases[n - 1], work)
+            save_final(ds, train_cases[n - 1], work)
             if n % args.every == 0:
-                result = task({"lr": args.lr, "seed": args.seed + n}, ds)
-                rounds.append({k: result[k] for k in ("promoted", "reason", "steps", "s_per_step", "seconds")})
-                logger.info("after %d labels: %s", n, result["reason"])
+                rounds.append(run_round(task, ds, n, args, holdout))
                 reloader.refresh()
         if n in measure_at:
-            scores = mean_at(evaluate_clicks(engine, holdout, SARCOMA_ID, max(CLICKS)), CLICKS)
+            scores = heldout_scores(model.network, holdout, labels)
             curve["labels"].append(n)
             curve["served_version"].append(model.served_version)
             for k in CLICKS:
                 curve[f"dice_{k}"].append(scores[f"dice_{k}"])
             logger.info("%d labels (served v%d): %s", n, model.served_version, scores)
-    organs_after = (
-        organ_auto_dice(engine, labels, abdomen.image, abdomen.label[0].numpy()) if abdomen is not None else None
-    )
+    organs_after = organ_dice(model, labels, abdomen)
     result = {
         **curve,
-        "holdout_cases": len(holdout),
-        "train_cases": len(train_cases),
+        "holdout_cases": list(SARCOMA_HELDOUT),
+        "corrected_cases": train_cases,
         "every": args.every,
-        "steps_per_round": args.steps,
+        "settings": {
+            "steps": settings.train_steps,
+            "lr": args.lr or settings.train_lr,
+            "tolerance": settings.promote_tolerance,
+            "patience": settings.train_patience,
+        },  # fmt: skip
         "weights": str(args.weights),
         "rounds": rounds,
+        "decisions_right": sum(r["decision_right"] for r in rounds),
+        "decisions": len(rounds),
         "organs_auto_dice_before": organs_before,
         "organs_auto_dice_after": organs_after,
-        "organs_mean_before": round(float(np.mean(list(organs_before.values()))), 4) if organs_before else None,
-        "organs_mean_after": round(float(np.mean(list(organs_after.values()))), 4) if organs_after else None,
+        "organs_mean_before": _mean(organs_before),
+        "organs_mean_after": _mean(organs_after),
         "abdomen": ABDOMEN[0],
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -172,7 +210,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("VISTA3D small: point branch learning from corrections", fontsize=10)
+    ax.set_title("VISTA3D small: the served model learning from corrections", fontsize=10)
+    for n, v in zip(result["labels"], result["served_version"], strict=True):
+        ax.annotate(f"v{v}", (n, result["dice_1"][result["labels"].index(n)]), textcoords="offset points",
+                    xytext=(0, -12), ha="center", fontsize=7)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
 

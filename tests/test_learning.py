@@ -1,4 +1,4 @@
-"""The continual-learning pieces on their own: split, model store, gate, replay, request, loop, a round."""
+"""The continual-learning pieces on their own: split, model store, replay, request, loop, rounds and their gate."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ import torch
 from lib.datastore import SafeLocalDatastore
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
-from lib.model import build_network, load_model
+from lib.model import STARTER_WEIGHTS, build_network, load_model
 from lib.model_store import ModelReloader, ModelStore
 from lib.settings import Settings
 from lib.trainers.data import CachedVolume
 from lib.trainers.labelled import final_labels, load_final_volumes
 from lib.trainers.request import TrainRequest
+from lib.trainers.schedule import TrainStats
 from lib.trainers.split import ValidationSplit
-from lib.trainers.tasks import PointTrainTask, replay_weights
-from lib.trainers.validation import gate
+from lib.trainers.tasks import PointTrainTask, Trained, replay_weights
 
 from .conftest import ROOT, STS
 
@@ -75,14 +75,6 @@ def test_reloader_serves_promoted_versions_without_restart(tmp_path: Path) -> No
     name, param = next(iter(model.network.named_parameters()))
     assert torch.allclose(param, trained.state_dict()[name].half().float())
     assert not reloader.refresh()
-
-
-def test_gate_promotes_within_tolerance_only() -> None:
-    assert gate({"score": 0.80}, {"score": 0.795}, 0.01)[0]
-    assert gate({"score": 0.80}, {"score": 0.90}, 0.0)[0]
-    ok, reason = gate({"score": 0.80}, {"score": 0.70}, 0.01)
-    assert not ok and "worse" in reason
-    assert not gate({"images": []}, {"images": []}, 1.0)[0]
 
 
 def test_replay_gives_new_labels_their_share() -> None:
@@ -162,38 +154,72 @@ def _datastore_with_final_labels(root: Path, cases: list[str]) -> SafeLocalDatas
     return ds
 
 
-def test_a_round_trains_on_final_labels_and_the_gate_decides(tmp_path: Path, test_weights: Path) -> None:
+def _round(tmp_path: Path, weights: str) -> tuple[PointTrainTask, SafeLocalDatastore, ModelStore, ModelReloader]:
+    """A point round's task over three final labels (STS_002 becomes the one validation label)."""
     ds = _datastore_with_final_labels(tmp_path / "studies", ["STS_001", "STS_002", "STS_003"])
-    settings = Settings.from_conf({"weights": str(test_weights), "train_steps": "2"})
-    model = load_model("small", str(test_weights), tmp_path, torch.device("cpu"))
+    settings = Settings.from_conf({"weights": weights, "train_steps": "2"})
+    model = load_model("small", weights, tmp_path, torch.device("cpu"))
     store = ModelStore(tmp_path / "studies" / ".vista3d" / "models")
     reloader = ModelReloader(model, store)
-    task = PointTrainTask(settings, model, store, load_label_dictionary(), str(tmp_path / "studies"))
+    return (
+        PointTrainTask(settings, model, store, load_label_dictionary(), str(tmp_path / "studies")),
+        ds,
+        store,
+        reloader,
+    )
+
+
+def _replace_training(task: PointTrainTask, weights: Path | None) -> None:
+    """The round's training replaced by loading ``weights`` (None: seeded random ones) into the candidate."""
+
+    def train(network, volumes, sampling, req, items, new):  # type: ignore[no-untyped-def]
+        torch.manual_seed(1)
+        network.load_state_dict(build_network("small").state_dict() if weights is None else torch.load(weights))
+        return Trained(TrainStats(1, 0.0, 1.0, 1.0, False), task._new_label_scores(network, items, new, req))
+
+    task.train = train  # type: ignore[method-assign]
+
+
+def test_a_clearly_worse_candidate_is_refused_and_recorded(tmp_path: Path) -> None:
+    """Served: the shipped starter. The round "breaks" the network (random weights): refused on one
+    validation label and two new labels, nothing written, the round and its evidence recorded."""
+    task, ds, store, _ = _round(tmp_path, "starter")
     assert len(pending_labels(ds, store)) == 3
-
-    # A worse candidate (its score lowered by 0.1) is not promoted; the round is recorded.
-    real_score = task.score
-
-    def worse_candidate(network, items, req):  # type: ignore[no-untyped-def]
-        figures = real_score(network, items, req)
-        return figures if network is model.network else {**figures, "score": figures["score"] - 0.1}
-
-    task.score = worse_candidate  # type: ignore[method-assign]
-    result = task({"tolerance": 0.05, "crop": 64}, ds)
+    _replace_training(task, None)
+    result = task({"crop": 64}, ds)
     assert result["served_validation"]["images"] == ["STS_002"] and result["served_validation"]["objects"] == 1
     assert result["promoted"] is None and store.served().version == 0 and "worse" in result["reason"]
+    gate = result["gate"]
+    assert (
+        gate["validation"]["objects"] == 1 and gate["new_labels"]["objects"] == 2 and gate["new_labels"]["worse"] == 2
+    )
     assert not list(store.root.glob("v*.pt"))
     assert pending_labels(ds, store) == [], "a finished round has seen every label"
-    assert store.manifest()["rounds"][-1]["reason"] == result["reason"]
-    task.score = real_score  # type: ignore[method-assign]
+    assert store.manifest()["rounds"][-1]["gate"] == gate
 
-    # Within tolerance: promoted, and served from the next request on.
-    before = store.served().version
-    result = task({"tolerance": 1.0, "crop": 64}, ds)
-    assert result["promoted"] == before + 1 and store.served().version == before + 1
+
+def test_a_clearly_better_candidate_is_promoted_on_one_validation_label(tmp_path: Path, test_weights: Path) -> None:
+    """Served: random weights. The round yields the shipped starter: promoted at once, served next."""
+    task, ds, store, reloader = _round(tmp_path, str(test_weights))
+    _replace_training(task, STARTER_WEIGHTS)
+    result = task({"crop": 64}, ds)
+    assert result["promoted"] == 1 and store.served().version == 1, result["reason"]
+    assert result["gate"]["validation"]["better"] == 1
     stamps = {f"{c}@{os.stat(ds.get_label_uri(c, 'final')).st_mtime_ns}" for c in ("STS_001", "STS_003")}
     assert set(store.served().trained_on) == stamps
-    assert reloader.refresh() and model.version == f"small:v{before + 1}"
+    assert reloader.refresh() and task.model.version == "small:v1"
+
+
+def test_a_round_checks_its_training_labels_and_keeps_only_a_gain(tmp_path: Path) -> None:
+    task, ds, store, _ = _round(tmp_path, "starter")
+    result = task({"steps": 2, "check_every": 1, "patience": 1, "crop": 64, "lr": 1e-4}, ds)
+    early = result["early_stop"]
+    assert [c[0] for c in early["checks"]][:2] == [0, 1], "a baseline, then a check after each step"
+    assert result["lr"] == 1e-4, "no label learned yet: the base rate"
+    if early["best_step"] == 0:
+        assert result["promoted"] is None and "never beat" in result["reason"]
+    else:
+        assert early["best"] > early["baseline"] and "gate" in result
 
 
 def test_rollback_tool_serves_the_previous_version(tmp_path: Path) -> None:

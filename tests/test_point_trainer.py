@@ -97,3 +97,32 @@ def test_supervoxels_become_zero_shot_objects() -> None:
     out, ids = add_supervoxel_objects(label, sv, [5], edit, np.random.default_rng(1))
     assert 5 not in ids and len(ids) == 1, "the organ is replaced by its edited version"
     assert (out == ids[0]).sum() == 2 * 16**3, "organ plus one adjacent supervoxel"
+
+
+def test_click_session_edits_and_clicks_as_the_server_and_annotator_do() -> None:
+    """After a prediction the result is edited by Algorithm 1 and the next click lands on its largest error."""
+    from lib.simulate import deepest_voxel
+    from lib.trainers.point_trainer import ClickSession, Prompts
+
+    truth = np.zeros((1, 16, 16, 16), bool)
+    truth[0, 2:8, 2:8, 2:8] = True
+    session = ClickSession(truth)
+    first = Prompts(torch.tensor([[[4.0, 4.0, 4.0]]]), torch.tensor([[1]]), torch.tensor([[133]]))
+    logits = torch.full((1, 1, 16, 16, 16), -5.0)
+    logits[0, 0, 2:14, 2:8, 2:8] = 5.0  # the object, grown by a false-positive slab...
+    logits[0, 0, 12:15, 12:15, 12:15] = 5.0  # ...and a blob the click does not touch
+    session.edit(first, logits)
+    expected = np.zeros((16, 16, 16), np.int16)
+    expected[2:14, 2:8, 2:8] = 1
+    assert np.array_equal(session.results[0], expected), "only the clicked component is kept"
+    prompts = session.next_clicks(first, frozenset(), np.random.default_rng(0), centre_prob=1.0)
+    false_positive = np.zeros((16, 16, 16), bool)
+    false_positive[8:14, 2:8, 2:8] = True
+    assert prompts.labels.tolist() == [[1, 0]], "the largest error is the false positive: a negative click"
+    assert prompts.coords[0, 1].tolist() == deepest_voxel(false_positive).tolist()
+    logits2 = logits.clone()
+    logits2[0, 0, 8:14] = -5.0  # the network follows the negative click
+    logits2[0, 0, 3:5, 3:5, 3:5] = -5.0  # and drops a hole elsewhere: a negative click there removes nothing
+    session.edit(prompts, logits2)
+    expected[8:14] = 0
+    assert np.array_equal(session.results[0], expected), "the negative click removed its component only"

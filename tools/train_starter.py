@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Train the ``small`` preset's starter weights from scratch on the shared real CT (fixed seeds).
+"""Train the ``small`` preset's starter weights on the shared real CT (fixed seeds), resumably.
 
 1. Point branch + encoder: the ``starter`` recipe of :mod:`lib.trainers.recipes` (the abdominal
-   scan's organ labels, and the tumours of sarcoma cases STS_001..020 as zero-shot id 133).
+   scan's organ labels, and the tumours of the sarcoma cases ``SARCOMA_STARTER`` as zero-shot id
+   133), with click sessions simulated as the server answers them; from a seeded random start, or
+   further from ``--init`` weights.
 2. Automatic branch (its decoder and the class head): the abdominal scan's organ labels (encoder
    and point branch frozen).
-3. Figures: clicks-to-Dice on the held-out sarcoma cases STS_021..035 (zero-shot id, the server's
-   click path) and the organs' auto Dice on the abdominal scan (its training scan: a sanity check).
+3. Figures: clicks-to-Dice on the held-out sarcoma cases ``SARCOMA_HELDOUT`` (zero-shot id, the
+   server's click path) and the organs' auto Dice on the abdominal scan (its training scan: a sanity check).
 
-Writes a float16 state dict and a JSON report (command, data, figures) beside it.
+Writes a float16 state dict and a JSON report (command, data, figures) beside it. With
+``--checkpoint`` a long run can be done in pieces: stop it at any time (Ctrl-C, a lost machine) and
+run the same command again; it resumes at the last checkpoint (every 50 steps) and ends where an
+uninterrupted run would. ``--device cuda`` trains on a GPU.
 
-    .venv/bin/python tools/train_starter.py --steps 600 --auto-steps 150 --threads 2
+    .venv/bin/python tools/train_starter.py --steps 1200 --rounds 3 --auto-steps 300 --checkpoint .cache/starter.ckpt
 """
 
 from __future__ import annotations
@@ -34,9 +39,16 @@ from lib.atomic import save_state, write_json  # noqa: E402
 from lib.labels import load_label_dictionary  # noqa: E402
 from lib.model import build_network, load_state  # noqa: E402
 from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice, scoring_engine  # noqa: E402
-from lib.trainers.corpus import ABDOMEN, abdomen_volume, case_names, sarcoma_click_cases  # noqa: E402
+from lib.trainers.corpus import (  # noqa: E402
+    ABDOMEN,
+    SARCOMA_HELDOUT,
+    SARCOMA_STARTER,
+    abdomen_volume,
+    sarcoma_click_cases,
+)
 from lib.trainers.data import SARCOMA_ID  # noqa: E402
-from lib.trainers.recipes import STARTER_SARCOMA, RecipeConfig, train_auto_recipe, train_point_recipe  # noqa: E402
+from lib.trainers.recipes import RecipeConfig, train_auto_recipe, train_point_recipe  # noqa: E402
+from lib.trainers.schedule import Checkpoint  # noqa: E402
 
 logger = logging.getLogger("train_starter")
 
@@ -50,7 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auto-steps", type=int, default=150, help="automatic-branch steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--point-weights", type=Path, help="reuse a trained encoder + point branch")
+    p.add_argument("--point-weights", type=Path, help="reuse a trained encoder + point branch (no point training)")
+    p.add_argument("--init", type=Path, help="train the point branch further from these weights")
+    p.add_argument("--rounds", type=int, default=3, help="click rounds simulated per point step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the point branch")
+    p.add_argument("--checkpoint", type=Path, help="resume from / write the point run's checkpoint here")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 
@@ -67,8 +84,7 @@ def heldout_sarcoma_dice(network: VISTA3D, data: Path) -> dict[str, float]:
     """Dice after 1, 3 and 5 simulated clicks on the sarcoma cases the starter never saw."""
     labels = load_label_dictionary()
     folder = data / "sts"
-    unseen = [c for c in case_names(folder) if c not in STARTER_SARCOMA]
-    cases = sarcoma_click_cases(folder, labels, unseen)
+    cases = sarcoma_click_cases(folder, labels, SARCOMA_HELDOUT)
     scores = mean_at(evaluate_clicks(scoring_engine(network, "small", labels), cases, SARCOMA_ID, 5), (1, 3, 5))
     return {**scores, "cases": len(cases)}
 
@@ -87,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = RecipeConfig(data=args.data, cache=args.cache, steps=args.steps, seed=args.seed)
+    config = RecipeConfig(
+        data=args.data, cache=args.cache, steps=args.steps, seed=args.seed, lr=args.lr, rounds=args.rounds,
+        device=args.device,
+    )  # fmt: skip
     args_given = sys.argv[1:] if argv is None else argv
     report: dict = {"command": shlex.join([".venv/bin/python", "tools/train_starter.py", *args_given])}
     if args.point_weights:
@@ -96,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("Encoder and point branch from %s", args.point_weights)
         report["point"], trained_on = reused_point_branch(args.point_weights)
     else:
-        network, stats = train_point_recipe(config, "starter")
-        report["point"] = {"steps": stats.steps, "seconds": round(stats.seconds, 1), "loss_last": stats.loss_last}
-        trained_on = {"abdomen": list(ABDOMEN), "sarcoma_as_zero_shot_133": list(STARTER_SARCOMA)}
+        checkpoint = Checkpoint(args.checkpoint) if args.checkpoint else None
+        network, stats = train_point_recipe(config, "starter", init=args.init, checkpoint=checkpoint)
+        report["point"] = {
+            "steps": stats.steps, "seconds": round(stats.seconds, 1), "loss_first": round(stats.loss_first, 4),
+            "loss_last": round(stats.loss_last, 4), "rounds": args.rounds, "lr": args.lr,
+            "init": str(args.init) if args.init else "seeded random",
+        }  # fmt: skip
+        trained_on = {"abdomen": list(ABDOMEN), "sarcoma_as_zero_shot_133": list(SARCOMA_STARTER)}
     auto = train_auto_recipe(network, config, args.auto_steps)
     report["auto"] = {"steps": auto.steps, "seconds": round(auto.seconds, 1), "loss_last": round(auto.loss_last, 4)}
     report["sarcoma_heldout"] = heldout_sarcoma_dice(network, args.data)

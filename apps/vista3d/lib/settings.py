@@ -88,8 +88,11 @@ class Settings:
         train_threads: torch threads of a training round; defaults to half the cores, so that
             clicks stay responsive while a round runs.
         train_steps: optimiser steps of one fine-tuning round (a ``/train`` request may override).
-        promote_tolerance: a candidate replaces the served model unless its validation
-            clicks-to-Dice is worse than the served model's by more than this.
+        promote_tolerance: a candidate replaces the served model unless the gate finds it worse than the
+            served model by more than this (see ``lib.trainers.gate``).
+        train_lr: base peak learning rate of a round (it falls as the served model has learned more labels).
+        train_patience: early-stop checks without a better training-label score before a point round
+            stops; 0 runs every step and lets the gate decide alone.
         model_store: folder of learned versions, the validation split and the manifest; default
             ``<studies>/.vista3d/models`` (the app's ``model/`` folder for a DICOMweb datastore).
         auth: ``auto`` (the default: sign-in is required as soon as the user store holds a user),
@@ -114,6 +117,8 @@ class Settings:
     train_threads: int = field(default_factory=lambda: max(1, _available_cores() // 2))
     train_steps: int = 200
     promote_tolerance: float = 0.01
+    train_lr: float = 3e-4
+    train_patience: int = 2
     model_store: str = ""
     auth: str = "auto"
     users: str = ""
@@ -157,8 +162,10 @@ class Settings:
                 values[key] = _parse_positive_int(key, value)
             elif key == "token_hours":
                 values[key] = _parse_number(key, value, float, minimum=0.01)
-            elif key == "train_trigger":
+            elif key in ("train_trigger", "train_patience"):
                 values[key] = _parse_number(key, value, int, minimum=0)
+            elif key == "train_lr":
+                values[key] = _parse_number(key, value, float, minimum=1e-8)
             elif key in ("train_debounce_s", "promote_tolerance"):
                 values[key] = _parse_number(key, value, float, minimum=0.0)
             else:

@@ -27,6 +27,7 @@ __all__ = [
     "deepest_voxel",
     "dice",
     "evaluate_clicks",
+    "largest_error",
     "mean_at",
     "model_grid_state",
     "next_click",
@@ -43,8 +44,11 @@ def deepest_voxel(mask: np.ndarray) -> np.ndarray:
     return np.asarray(np.unravel_index(int(np.argmax(dist)), mask.shape))
 
 
-def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
-    """A click at the centre of the largest error region: positive on missed foreground, else negative."""
+def largest_error(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """The largest connected error region and whether it is missed foreground (else a false positive).
+
+    None when the prediction is perfect.
+    """
     best: tuple[int, np.ndarray, bool] | None = None
     for region, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
         labelled, n = ndimage.label(region, structure=STRUCTURE_26)
@@ -54,9 +58,13 @@ def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, b
         k = int(np.argmax(sizes))
         if best is None or sizes[k] > best[0]:
             best = (int(sizes[k]), labelled == k + 1, positive)
-    if best is None:
-        return None
-    return deepest_voxel(best[1]), best[2]
+    return None if best is None else (best[1], best[2])
+
+
+def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """A click at the centre of the largest error region: positive on missed foreground, else negative."""
+    error = largest_error(prediction, truth)
+    return None if error is None else (deepest_voxel(error[0]), error[1])
 
 
 def scoring_engine(network: VISTA3D, preset: str, labels: LabelDictionary) -> Engine:

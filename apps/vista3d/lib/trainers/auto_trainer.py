@@ -13,7 +13,7 @@ background.
 from __future__ import annotations
 
 import random
-from typing import cast
+from typing import Any, cast
 
 import torch
 from monai.losses import DiceCELoss
@@ -53,6 +53,14 @@ class AutoTrainer:
         self.params = freeze_for_auto_training(network)
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Network and optimiser: what a resumed run needs (class order draws from ``random``, saved by the loop)."""
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def classes_for(self, crop: Crop) -> list[int]:
         """Present classes first, then a few known-absent ones, at most ``max_classes``."""
         present = [c for c in crop.label_set if c <= LAST_CLASS]
@@ -69,10 +77,12 @@ class AutoTrainer:
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         # Frozen encoder weights need no gradient, so backward stops where the automatic decoder starts.
-        _, features = self.network.image_encoder(crop.image, with_point=False, with_label=True)
-        class_vector = torch.tensor(classes).unsqueeze(1)
+        device = next(self.network.parameters()).device
+        _, features = self.network.image_encoder(crop.image.to(device), with_point=False, with_label=True)
+        class_vector = torch.tensor(classes, device=device).unsqueeze(1)
         logits, _ = self.network.class_head(features, class_vector)
-        target = torch.cat([(crop.label == c).float() for c in classes], dim=0)
+        label = crop.label.to(device)
+        target = torch.cat([(label == c).float() for c in classes], dim=0)
         loss = self.loss_fn(logits, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

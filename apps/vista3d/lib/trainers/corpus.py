@@ -18,11 +18,28 @@ from ..labels import LabelDictionary
 from ..supervoxels.generate import supervoxels_for_image, write_map
 from .data import SARCOMA_ID, CachedVolume, load_volume, remap_lookup, totalseg_lookup
 
-__all__ = ["ABDOMEN", "abdomen_volume", "case_names", "lowlevel_supervoxels", "sarcoma_click_cases", "sarcoma_volume"]
+__all__ = [
+    "ABDOMEN",
+    "SARCOMA_CURVE",
+    "SARCOMA_HELDOUT",
+    "SARCOMA_STARTER",
+    "abdomen_volume",
+    "case_names",
+    "lowlevel_supervoxels",
+    "sarcoma_click_cases",
+    "sarcoma_volume",
+]
 
 logger = logging.getLogger(__name__)
 
 ABDOMEN = ("totalseg/example_ct.nii.gz", "totalseg/example_seg_fast_force_split.nii.gz")
+
+# The 35 sarcoma cases, split once for every use: the starter weights learn from the first 5, the
+# learning curve corrects the next 20 one at a time (labels the starter never saw), and every
+# held-out figure (starter, click quality, learning curve) is measured on the last 10.
+SARCOMA_STARTER = tuple(f"STS_{i:03d}" for i in range(1, 6))
+SARCOMA_CURVE = tuple(f"STS_{i:03d}" for i in range(6, 26))
+SARCOMA_HELDOUT = tuple(f"STS_{i:03d}" for i in range(26, 36))
 
 
 def case_names(folder: Path) -> list[str]:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,6 +182,12 @@ class VolumeSampler:
         if len(voxels) == 0:
             raise ValueError(f"{vol.name}: nothing to train on (no labels and no supervoxels)")
         return voxels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
 
     def sample(self) -> Crop:
         index = int(self.rng.choice(len(self.volumes), p=self.weights))

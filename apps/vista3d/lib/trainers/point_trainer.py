@@ -1,16 +1,25 @@
-"""One training step of VISTA3D's point branch with SAM-style iterative click simulation.
+"""One training step of VISTA3D's point branch, simulating the click sessions the server answers.
 
 The server answers clicks with ``image_encoder(..., with_point=True)`` followed by ``point_head``; this
-module trains exactly that path. A step samples initial clicks for the objects in the crop (MONAI's
-``sample_prompt_pairs``: positive/negative clicks, labels 2/3 for special classes, ids above 132 read
-through the zero-shot token), then runs up to ``rounds`` predictions; after each one it adds, per
-object, a positive click in the largest false-negative region and a negative click in the largest
-false-positive region, as an annotator correcting the result would. The DiceCE losses of all rounds
-are summed. The encoder runs once per step (its features are shared by the rounds), and the clicks
-are derived from detached predictions, so a round costs one point-head forward/backward only.
+module trains exactly that path, on sessions that play out as they do at serving time:
 
-The automatic branch (its decoder and the class head) is frozen: this trainer only teaches the point branch. The encoder
-trains too unless ``train_encoder`` is off (then the automatic branch cannot change at all).
+1. first clicks: mostly one positive click at each object's deepest voxel (the simulated
+   annotator's first click); otherwise MONAI's ``sample_prompt_pairs`` (a few positive and negative
+   clicks anywhere on and around the object, labels 2/3 for special classes, ids above 132 read
+   through the zero-shot token), so the head keeps handling clicks from any client;
+2. after each prediction, the result is edited exactly as the server edits it (Algorithm 1,
+   :func:`lib.refine.apply_clicks`: only the new click's component changes), and the next click goes
+   where the annotator clicks on that edited result: the centre of its largest error region,
+   positive on missed foreground, negative on a false positive (:func:`lib.simulate.largest_error`).
+
+The DiceCE losses of all ``rounds`` predictions are summed, so the head learns to answer a
+correction, not only a first click. The encoder runs once per step (its features are shared by the
+rounds), and clicks are derived from detached predictions, so a round costs one point-head
+forward/backward only.
+
+The automatic branch (its decoder and the class head) is frozen: this trainer only teaches the point
+branch. The encoder trains too unless ``train_encoder`` is off (then the automatic branch cannot
+change at all).
 """
 
 from __future__ import annotations
@@ -18,18 +27,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from monai.apps.vista3d.sampler import sample_prompt_pairs
 from monai.losses import DiceCELoss
 from monai.networks.nets.vista3d import VISTA3D
-from scipy import ndimage
 
+from ..refine import apply_clicks
+from ..simulate import deepest_voxel, largest_error
 from .auto_trainer import auto_branch
 from .data import Crop
 
-__all__ = ["PointTrainConfig", "PointTrainer", "Prompts", "error_click", "freeze_for_point_training", "initial_prompts"]
+__all__ = [
+    "ClickSession",
+    "PointTrainConfig",
+    "PointTrainer",
+    "Prompts",
+    "freeze_for_point_training",
+    "initial_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +62,8 @@ class PointTrainConfig:
         rounds: predictions per step (1 = no click simulation).
         max_objects: objects prompted per step (the point head batches them).
         max_point: cap of initial clicks per object in ``sample_prompt_pairs``.
+        first_click_centre_prob: chance that a step starts as the annotator does, with one positive
+            click at each object's deepest voxel, rather than with ``sample_prompt_pairs``' clicks.
         centre_click_prob: chance that a correction click is the error region's deepest voxel
             (what an annotator clicks) rather than a random voxel of it.
         special: class ids whose clicks use labels 2/3.
@@ -53,10 +73,11 @@ class PointTrainConfig:
             pulls every voxel to background before the clicks mean anything.
     """
 
-    rounds: int = 2
+    rounds: int = 3
     max_objects: int = 3
     max_point: int = 4
-    centre_click_prob: float = 0.5
+    first_click_centre_prob: float = 0.7
+    centre_click_prob: float = 0.7
     special: frozenset[int] = frozenset({23, 24, 25, 26, 27, 57, 128})
     grad_clip: float = 1.0
     train_encoder: bool = True
@@ -83,11 +104,38 @@ def freeze_for_point_training(network: VISTA3D, train_encoder: bool) -> list[tor
     return [p for p in network.parameters() if p.requires_grad]
 
 
-def initial_prompts(label: torch.Tensor, label_set: Sequence[int], config: PointTrainConfig) -> Prompts | None:
-    """First clicks for the objects of ``label`` [1,1,H,W,D]; None when none of ``label_set`` is present."""
+def _click_labels(class_id: int, special: frozenset[int]) -> tuple[int, int]:
+    """(negative, positive) point labels of a class: 2/3 for special classes, else 0/1."""
+    return (2, 3) if class_id in special else (0, 1)
+
+
+def _pick(region: np.ndarray, rng: np.random.Generator, centre_prob: float) -> np.ndarray:
+    """The deepest voxel of ``region`` (where an annotator clicks), else a random one of its voxels."""
+    if rng.random() < centre_prob:
+        return deepest_voxel(region)
+    voxels = np.argwhere(region)
+    return voxels[int(rng.integers(len(voxels)))]
+
+
+def initial_prompts(
+    label: torch.Tensor, label_set: Sequence[int], config: PointTrainConfig, rng: np.random.Generator
+) -> Prompts | None:
+    """First clicks for up to ``max_objects`` objects of ``label`` [1,1,H,W,D] (see the module docstring).
+
+    None when none of ``label_set`` is present.
+    """
+    present = [int(c) for c in label_set if (label == int(c)).any()]
+    if not present:
+        return None
+    if rng.random() < config.first_click_centre_prob:
+        classes = [present[i] for i in rng.permutation(len(present))[: config.max_objects]]
+        truth = label[0, 0].cpu().numpy()
+        coords = torch.tensor(np.stack([deepest_voxel(truth == c) for c in classes]), dtype=torch.float32)
+        labels = torch.tensor([[_click_labels(c, config.special)[1]] for c in classes], dtype=torch.long)
+        return Prompts(coords[:, None], labels, torch.tensor(classes, dtype=torch.long)[:, None])
     _, point, point_label, prompt_class = sample_prompt_pairs(
         label,
-        list(label_set),
+        present,
         max_foreprompt=config.max_objects,
         max_backprompt=0,
         max_point=config.max_point,
@@ -96,52 +144,57 @@ def initial_prompts(label: torch.Tensor, label_set: Sequence[int], config: Point
     )
     if point is None or prompt_class is None or point_label is None:
         return None
-    return Prompts(point.float(), point_label.long(), prompt_class.long())
+    return Prompts(point.float().cpu(), point_label.long().cpu(), prompt_class.long().cpu())
 
 
-def error_click(region: np.ndarray, rng: np.random.Generator, centre_prob: float) -> np.ndarray | None:
-    """A voxel of the largest connected component of ``region`` (its deepest voxel or a random one)."""
-    if not region.any():
-        return None
-    comp, n = ndimage.label(region)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-    index = int(np.argmax(sizes)) + 1
-    box = ndimage.find_objects(comp, max_label=index)[index - 1]
-    largest = comp[box] == index
-    if rng.random() < centre_prob:
-        dist = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1, 1:-1]
-        local = np.unravel_index(int(np.argmax(dist)), largest.shape)
-    else:
-        voxels = np.argwhere(largest)
-        local = tuple(voxels[int(rng.integers(len(voxels)))])
-    return np.asarray([s.start + c for s, c in zip(box, local, strict=False)], dtype=np.float32)
+class ClickSession:
+    """The edited result of each prompted object, as the server keeps it between clicks.
 
+    Attributes:
+        truth: [B, H, W, D] bool, the objects' masks.
+        results: [B, H, W, D] int16, 1 where the edited result holds the object.
+        answered: clicks already applied per object (the first ``answered`` of the prompts).
+    """
 
-def _click_labels(class_id: int, special: frozenset[int]) -> tuple[int, int]:
-    """(negative, positive) point labels of a class: 2/3 for special classes, else 0/1."""
-    return (2, 3) if class_id in special else (0, 1)
+    def __init__(self, truth: np.ndarray) -> None:
+        self.truth = truth
+        self.results = np.zeros(truth.shape, dtype=np.int16)
+        self.answered = 0
 
+    def edit(self, prompts: Prompts, logits: torch.Tensor) -> None:
+        """Apply the clicks added since the last edit to each object's result (Algorithm 1)."""
+        prediction = (logits.detach() > 0).cpu().numpy()[:, 0]
+        coords = prompts.coords.round().long().cpu().numpy()
+        labels = prompts.labels.cpu().numpy()
+        editing = np.zeros(labels.shape[1], dtype=bool)
+        editing[self.answered :] = True
+        everywhere = np.ones(prediction.shape[1:], dtype=bool)
+        for b in range(len(prediction)):
+            valid = labels[b] != PAD_LABEL
+            self.results[b], _ = apply_clicks(
+                self.results[b], prediction[b], everywhere, coords[b][valid], np.isin(labels[b][valid], (1, 3)),
+                1, editing=editing[valid],
+            )  # fmt: skip
+        self.answered = labels.shape[1]
 
-def correction_clicks(
-    prompts: Prompts, logits: torch.Tensor, target: torch.Tensor, config: PointTrainConfig, rng: np.random.Generator
-) -> Prompts:
-    """Prompts plus one positive click (false negatives) and one negative (false positives) per object."""
-    pred = (logits.detach() > 0).cpu().numpy()[:, 0]
-    truth = target.cpu().numpy()[:, 0] > 0.5
-    coords = torch.zeros(len(pred), 2, 3)
-    labels = torch.full((len(pred), 2), PAD_LABEL, dtype=torch.long)
-    for b in range(len(pred)):
-        neg, pos = _click_labels(int(prompts.classes[b, 0]), config.special)
-        for j, (region, lab) in enumerate(((truth[b] & ~pred[b], pos), (pred[b] & ~truth[b], neg))):
-            click = error_click(region, rng, config.centre_click_prob)
-            if click is not None:
-                coords[b, j] = torch.from_numpy(click)
-                labels[b, j] = lab
-    return Prompts(
-        torch.cat([prompts.coords, coords.to(prompts.coords)], dim=1),
-        torch.cat([prompts.labels, labels.to(prompts.labels.device)], dim=1),
-        prompts.classes,
-    )
+    def next_clicks(
+        self, prompts: Prompts, special: frozenset[int], rng: np.random.Generator, centre_prob: float
+    ) -> Prompts:
+        """Prompts plus, per object, the annotator's next click on its edited result (padding when perfect)."""
+        coords = torch.zeros(len(self.truth), 1, 3)
+        labels = torch.full((len(self.truth), 1), PAD_LABEL, dtype=torch.long)
+        for b in range(len(self.truth)):
+            error = largest_error(self.results[b] == 1, self.truth[b])
+            if error is None:
+                continue
+            coords[b, 0] = torch.from_numpy(_pick(error[0], rng, centre_prob).astype(np.float32))
+            negative, positive = _click_labels(int(prompts.classes[b, 0]), special)
+            labels[b, 0] = positive if error[1] else negative
+        return Prompts(
+            torch.cat([prompts.coords, coords.to(prompts.coords)], dim=1),
+            torch.cat([prompts.labels, labels.to(prompts.labels.device)], dim=1),
+            prompts.classes,
+        )
 
 
 class PointTrainer:
@@ -163,24 +216,43 @@ class PointTrainer:
         self.params = freeze_for_point_training(network, config.train_encoder)
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Network, optimiser and click generator: what a resumed run needs to continue this one."""
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+
     def targets(self, label: torch.Tensor, prompts: Prompts) -> torch.Tensor:
         """Binary masks [B,1,H,W,D] of the prompted classes."""
-        return torch.cat([(label == int(c)).float() for c in prompts.classes[:, 0]], dim=0)
+        return torch.cat([(label == int(c)).float() for c in prompts.classes[:, 0].tolist()], dim=0)
 
     def session_loss(self, feats: torch.Tensor, prompts: Prompts, target: torch.Tensor) -> torch.Tensor:
-        """Summed DiceCE over ``rounds`` predictions, adding correction clicks between them."""
+        """Summed DiceCE over ``rounds`` predictions, the annotator's next click between them."""
+        device = feats.device
+        session = ClickSession(target.cpu().numpy()[:, 0] > 0.5)
         total = feats.new_zeros(())
         for r in range(self.config.rounds):
-            logits = self.network.point_head(feats, prompts.coords, prompts.labels, class_vector=prompts.classes)
+            logits = self.network.point_head(
+                feats, prompts.coords.to(device), prompts.labels.to(device), class_vector=prompts.classes.to(device)
+            )
             total = total + self.loss_fn(logits, target)
             if r + 1 < self.config.rounds:
-                prompts = correction_clicks(prompts, logits, target, self.config, self.rng)
+                session.edit(prompts, logits)
+                prompts = session.next_clicks(prompts, self.config.special, self.rng, self.config.centre_click_prob)
         return total
 
     def step(self, crop: Crop) -> float | None:
         """One optimiser step on a crop; the summed loss, or None when the crop has no object (skipped)."""
-        image, label = crop.image, crop.label
-        prompts = initial_prompts(label, crop.label_set, self.config)
+        device = next(self.network.parameters()).device
+        image, label = crop.image.to(device), crop.label.to(device)
+        prompts = initial_prompts(crop.label, crop.label_set, self.config, self.rng)
         if prompts is None:
             return None
         self.network.train()

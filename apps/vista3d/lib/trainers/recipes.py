@@ -3,8 +3,8 @@
 ``organs``: the point branch learns from the abdominal scan's organ labels only. ``lowlevel``: the
 same plus low-level supervoxels of every CT in the data folder as extra objects (no sarcoma label is
 used). These two are ``bench/zeroshot.py``'s arms. ``starter``: the organs plus the tumours of the
-sarcoma cases STS_001..020 (zero-shot id 133), which ``tools/train_starter.py`` ships; STS_021..035
-stay unseen, so its sarcoma figures are held-out figures.
+sarcoma cases :data:`.corpus.SARCOMA_STARTER` (zero-shot id 133), which ``tools/train_starter.py``
+ships; the other 30 cases stay unseen (20 for the learning curve, 10 held out for every figure).
 """
 
 from __future__ import annotations
@@ -14,32 +14,31 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from monai.networks.nets.vista3d import VISTA3D
 from tqdm import tqdm
 
 from ..labels import load_label_dictionary
-from ..model import build_network, patch_size_for
+from ..model import build_network, load_state, patch_size_for
 from .auto_trainer import AutoTrainer
-from .corpus import abdomen_volume, case_names, sarcoma_volume
+from .corpus import SARCOMA_STARTER, abdomen_volume, case_names, sarcoma_volume
 from .data import CachedVolume, VolumeSampler
 from .point_trainer import PointTrainConfig, PointTrainer
-from .schedule import TrainStats, run_steps, seed_everything
+from .schedule import Checkpoint, TrainStats, run_steps, seed_everything
 from .supervoxel_objects import SupervoxelSampling
 
-__all__ = ["MODES", "STARTER_SARCOMA", "RecipeConfig", "recipe_volumes", "train_auto_recipe", "train_point_recipe"]
+__all__ = ["MODES", "RecipeConfig", "recipe_volumes", "train_auto_recipe", "train_point_recipe"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("organs", "lowlevel", "starter")
 
-# The sarcoma cases the starter learns from; STS_021..035 are the held-out cases of every benchmark.
-STARTER_SARCOMA = tuple(f"STS_{i:03d}" for i in range(1, 21))
 
 
-def scratch_point_config(special: frozenset[int]) -> PointTrainConfig:
-    """From scratch: Dice-led loss (full-weight cross-entropy collapsed two 450-step runs to all
-    background, the clicks ignored), 2 click rounds and 2 objects a step to afford more steps."""
-    return PointTrainConfig(special=special, rounds=2, max_objects=2, ce_weight=0.1)
+def scratch_point_config(special: frozenset[int], rounds: int = 2) -> PointTrainConfig:
+    """Dice-led loss (from scratch, full-weight cross-entropy collapsed two 450-step runs to all
+    background, the clicks ignored) and 2 objects a step to afford more steps."""
+    return PointTrainConfig(special=special, rounds=rounds, max_objects=2, ce_weight=0.1)
 
 
 PRESET = "small"
@@ -58,6 +57,8 @@ class RecipeConfig:
     seed: int = 0
     abdomen_share: float = 0.3
     max_minutes: float | None = None
+    rounds: int = 2
+    device: str = "cpu"
 
 
 def recipe_volumes(config: RecipeConfig, mode: str) -> tuple[list[CachedVolume], list[float]]:
@@ -67,7 +68,7 @@ def recipe_volumes(config: RecipeConfig, mode: str) -> tuple[list[CachedVolume],
     if mode == "organs":
         return [abdomen_volume(config.data, labels)], [1.0]
     if mode == "starter":
-        sarcoma = [sarcoma_volume(config.data / "sts", c, labels) for c in STARTER_SARCOMA]
+        sarcoma = [sarcoma_volume(config.data / "sts", c, labels) for c in SARCOMA_STARTER]
         share = (1 - config.abdomen_share) / len(sarcoma)
         return [abdomen_volume(config.data, labels), *sarcoma], [config.abdomen_share] + [share] * len(sarcoma)
     if mode != "lowlevel":
@@ -81,18 +82,29 @@ def recipe_volumes(config: RecipeConfig, mode: str) -> tuple[list[CachedVolume],
     return [abdomen, *cts], [config.abdomen_share] + [share] * len(cts)
 
 
-def train_point_recipe(config: RecipeConfig, mode: str) -> tuple[VISTA3D, TrainStats]:
-    """Encoder + point head from a seeded random initialisation."""
+def train_point_recipe(
+    config: RecipeConfig, mode: str, init: Path | None = None, checkpoint: Checkpoint | None = None
+) -> tuple[VISTA3D, TrainStats]:
+    """Encoder + point head from a seeded random initialisation, or further from ``init``'s weights.
+
+    With ``checkpoint`` the run can be stopped and resumed (see :func:`.schedule.run_steps`).
+    """
     labels = load_label_dictionary()
     volumes, weights = recipe_volumes(config, mode)
     seed_everything(config.seed)
     network = build_network(PRESET)
-    trainer = PointTrainer(network, scratch_point_config(labels.special), lr=config.lr, seed=config.seed)
+    if init is not None:
+        load_state(network, init)
+        logger.info("Point branch continues from %s", init)
+    network.to(torch.device(config.device))
+    trainer = PointTrainer(network, scratch_point_config(labels.special, config.rounds), lr=config.lr, seed=config.seed)
     sv = SupervoxelSampling() if mode == "lowlevel" else None
     sampler = VolumeSampler(volumes, (config.crop,) * 3, config.seed, weights, sv)
     max_s = 60 * config.max_minutes if config.max_minutes else None
-    stats = run_steps(trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s)
-    return network, stats
+    stats = run_steps(
+        trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s, checkpoint=checkpoint
+    )
+    return network.cpu(), stats
 
 
 def train_auto_recipe(network: VISTA3D, config: RecipeConfig, steps: int, lr: float = 1e-3) -> TrainStats:

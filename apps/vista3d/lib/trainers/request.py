@@ -15,8 +15,9 @@ class TrainRequest:
     """One fine-tuning round.
 
     Attributes:
-        steps: optimiser steps.
-        lr: peak learning rate (linear warm-up over the first tenth, then cosine decay).
+        steps: optimiser steps at most (a point round stops early once its training labels stop improving).
+        lr: base peak learning rate (linear warm-up over the first tenth, then cosine decay); a round
+            runs at ``lr * sqrt(lr_half_life / (lr_half_life + labels already learned))``.
         crop: edge of the cubic training crops: by default the preset's inference window, which the
             point head's positional encoding is normalised by (see ``lib.model.patch_size_for``).
         rounds: click-simulation rounds per point step.
@@ -27,6 +28,10 @@ class TrainRequest:
         seed: seeds crops, prompts and clicks.
         world_size: training processes (torch.distributed: gloo on CPU, nccl on GPUs).
         max_minutes: stop early after this long (single process only; reported).
+        lr_half_life: labels learned after which a round's rate is ``lr / sqrt(2)`` (0: constant rate).
+        check_every: steps between early-stop checks on the training labels (point rounds, one process).
+        patience: checks in a row without a better training-label score before a point round stops
+            (0: no early stop; the round runs every step and the gate alone decides).
     """
 
     steps: int = 200
@@ -40,6 +45,9 @@ class TrainRequest:
     seed: int = 0
     world_size: int = 1
     max_minutes: float | None = None
+    lr_half_life: int = 5
+    check_every: int = 25
+    patience: int = 2
 
     @classmethod
     def parse(cls, request: dict[str, Any], settings: Settings, window: int) -> TrainRequest:
@@ -49,7 +57,9 @@ class TrainRequest:
         """
         values: dict[str, Any] = {
             "steps": settings.train_steps,
+            "lr": settings.train_lr,
             "tolerance": settings.promote_tolerance,
+            "patience": settings.train_patience,
             "crop": window,
         }
         for f in fields(cls):
@@ -78,6 +88,12 @@ class TrainRequest:
             problems.append(f"clicks must be in 1..20, got {self.clicks}")
         if self.world_size < 1:
             problems.append(f"world_size must be at least 1, got {self.world_size}")
+        if self.lr_half_life < 0:
+            problems.append(f"lr_half_life must be >= 0, got {self.lr_half_life}")
+        if self.check_every < 1:
+            problems.append(f"check_every must be at least 1, got {self.check_every}")
+        if self.patience < 0:
+            problems.append(f"patience must be >= 0, got {self.patience}")
         if problems:
             raise ValueError("bad train request: " + "; ".join(problems))
 

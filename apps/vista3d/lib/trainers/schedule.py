@@ -1,19 +1,26 @@
-"""The training loop every trainer shares: warm-up then cosine learning rate, progress with rates, seeds.
+"""The training loop every trainer shares: warm-up then cosine learning rate, progress with rates, seeds,
+and checkpoints to resume from.
 
 The server's ``/train`` tasks, the starter-weights script and the benchmarks all train through
 :func:`run_steps`, so a figure measured by a benchmark is a figure of the code the server runs.
+A long run (the starter weights) can be done in pieces: with ``checkpoint`` set, the loop writes the
+trainer, sampler, scheduler and every random generator there (atomically) and a later call picks up
+at the step it reached, drawing the same crops and clicks an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +28,7 @@ from tqdm import tqdm
 
 from .data import Crop, VolumeSampler
 
-__all__ = ["StepTrainer", "TrainStats", "lr_factor", "run_steps", "seed_everything"]
+__all__ = ["Checkpoint", "StepTrainer", "TrainStats", "lr_factor", "rng_state", "run_steps", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,18 @@ class StepTrainer(Protocol):
     optimizer: torch.optim.Optimizer
 
     def step(self, crop: Crop) -> float | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run keeps its checkpoint, and every how many steps it writes it."""
+
+    path: Path
+    every: int = 50
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's global generators (MONAI's prompt sampler draws from ``random``)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` through a temporary file: a run killed mid-write keeps the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def lr_factor(step: int, warmup: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to 5% of the base rate."""
     if step < warmup:
@@ -68,14 +111,46 @@ def run_steps(
     desc: str = "train",
     max_seconds: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    stop_when: Callable[[int], bool] | None = None,
 ) -> TrainStats:
-    """``steps`` optimiser steps on crops from ``sampler`` (crops without an object are redrawn)."""
+    """``steps`` optimiser steps on crops from ``sampler`` (crops without an object are redrawn).
+
+    With ``checkpoint``, resumes from its file when there is one and writes it every
+    ``checkpoint.every`` steps and at the end. ``stop_when(step)`` returning True ends the run
+    early (e.g. :class:`.early_stop.EarlyStop`).
+    """
     sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: lr_factor(s, warmup, steps))
-    start = time.perf_counter()
     losses: list[float] = []
-    bar = tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, mininterval=10, disable=None)
+    seconds_before = 0.0
+    if checkpoint is not None and checkpoint.path.is_file():
+        state = torch.load(checkpoint.path, map_location="cpu", weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        sampler.load_state_dict(state["sampler"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        losses, seconds_before = list(state["losses"]), float(state["seconds"])
+        logger.info("%s: resumed from %s at step %d of %d", desc, checkpoint.path, len(losses), steps)
+
+    def save() -> None:
+        if checkpoint is not None:
+            _save_checkpoint(
+                checkpoint.path,
+                {
+                    "trainer": trainer.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rng_state(),
+                    "losses": losses,
+                    "seconds": seconds_before + time.perf_counter() - start,
+                },
+            )
+
+    start = time.perf_counter()
+    bar = tqdm(total=steps, initial=len(losses), desc=desc, unit="step", file=sys.stderr, mininterval=10, disable=None)
     stopped = False
     redraws = 0
+    done_before = len(losses)
     while len(losses) < steps:
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             logger.warning("%s: time limit reached after %d of %d steps", desc, len(losses), steps)
@@ -90,14 +165,21 @@ def run_steps(
         sched.step()
         losses.append(loss)
         n = len(losses)
-        rate = (time.perf_counter() - start) / n
+        rate = (time.perf_counter() - start) / (n - done_before)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", s_per_step=f"{rate:.2f}")
         bar.update(1)
         if n % 25 == 0 or n == steps:
             logger.info("%s: step %d/%d loss(avg20) %.4f, %.2f s/step", desc, n, steps, np.mean(losses[-20:]), rate)
+        if checkpoint is not None and n % checkpoint.every == 0:
+            save()
         if on_step is not None:
             on_step(n, loss)
+        if stop_when is not None and stop_when(n):
+            logger.info("%s: stopped early after %d of %d steps", desc, n, steps)
+            stopped = True
+            break
     bar.close()
+    save()
     first = float(np.mean(losses[:20])) if losses else float("nan")
     last = float(np.mean(losses[-20:])) if losses else float("nan")
-    return TrainStats(len(losses), time.perf_counter() - start, first, last, stopped)
+    return TrainStats(len(losses), seconds_before + time.perf_counter() - start, first, last, stopped)

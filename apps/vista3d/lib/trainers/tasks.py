@@ -4,11 +4,14 @@
 (:mod:`.auto_trainer`). A round:
 
 1. collects the datastore's final labels and updates the persisted validation split;
-2. trains a copy of the served network on the training images; labels the served version has not
-   learned from get ``1 - replay_share`` of the steps, earlier ones the rest (replay);
-3. scores served and candidate on the validation images with the server's own inference path;
-4. promotes the candidate through :class:`lib.model_store.ModelStore` unless it is worse by more
-   than the tolerance, and records the round either way.
+2. trains a copy of the served network on the training images at a learning rate that falls as the
+   served version has learned more labels; labels it has not learned from get ``1 - replay_share``
+   of the steps, earlier ones the rest (replay); a point round keeps the best state it reached on
+   its training labels and stops when they stop improving (:mod:`.early_stop`);
+3. scores served and candidate object by object on the validation images (and the new training
+   labels) with the server's own inference path;
+4. promotes the candidate through :class:`lib.model_store.ModelStore` unless the gate
+   (:mod:`.gate`) finds it worse, and records the round with the gate's evidence either way.
 
 MONAI Label runs ``/train`` in a subprocess, one at a time, so the server keeps answering while a
 round runs, and killing that process (even with SIGKILL) cannot leave a half-written model.
@@ -20,6 +23,8 @@ import copy
 import logging
 import time
 from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,18 +34,20 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..labels import LabelDictionary
 from ..model import LoadedModel, patch_size_for
-from ..model_store import ModelStore
+from ..model_store import ModelStore, ServedVersion
 from ..settings import Settings
 from .auto_trainer import AutoTrainer
 from .data import CachedVolume, VolumeSampler
 from .distributed import average_gradients, spawn
+from .early_stop import EarlyStop, monitored_labels, round_lr
+from .gate import GateConfig, decide
 from .labelled import FinalLabel, final_labels, load_final_volumes
 from .point_trainer import PointTrainConfig, PointTrainer
 from .request import TrainRequest
 from .schedule import TrainStats, run_steps, seed_everything
 from .split import ValidationSplit
 from .supervoxel_objects import SupervoxelSampling
-from .validation import auto_dice, click_dice, gate
+from .validation import ClickScorer, auto_dice, click_dice
 
 __all__ = ["AutoTrainTask", "PointTrainTask", "replay_weights", "train_point"]
 
@@ -67,6 +74,7 @@ def train_point(
     special: frozenset[int],
     rank: int = 0,
     world: int = 1,
+    stop_when: Callable[[int], bool] | None = None,
 ) -> TrainStats:
     """The point branch's training loop, shared by single- and multi-process runs and the benchmarks."""
     seed_everything(req.seed + rank)
@@ -76,7 +84,8 @@ def train_point(
     sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed + rank, weights, FINETUNE_SUPERVOXELS)
     max_s = 60 * req.max_minutes if req.max_minutes and world == 1 else None
     warmup = max(1, req.steps // 10)
-    return run_steps(trainer, sampler, req.steps, warmup, desc=f"point[rank {rank}]", max_seconds=max_s)
+    desc = f"point[rank {rank}]"
+    return run_steps(trainer, sampler, req.steps, warmup, desc=desc, max_seconds=max_s, stop_when=stop_when)
 
 
 def _point_worker(
@@ -94,6 +103,27 @@ def _point_worker(
     stats = train_point(network, volumes, weights, req, special, rank, world)
     if rank == 0:
         torch.save({"state": network.state_dict(), "stats": stats}, out)
+
+
+@dataclass
+class Trained:
+    """What a round's training produced.
+
+    Attributes:
+        stats: the loop's figures.
+        new_labels: (served, candidate) per-object scores on the round's new training labels.
+        improved: False when the candidate never beat the served model on its training labels.
+        early_stop: the early stop's checks, when one ran.
+    """
+
+    stats: TrainStats
+    new_labels: tuple[dict[str, float], dict[str, float]]
+    improved: bool = True
+    early_stop: dict[str, Any] | None = None
+
+
+def _on_images(scores: dict[str, float], images: set[str]) -> dict[str, float]:
+    return {k: v for k, v in scores.items() if k.split("#")[0] in images}
 
 
 class FineTuneTask(TrainTask):
@@ -125,13 +155,29 @@ class FineTuneTask(TrainTask):
 
     @abstractmethod
     def train(
-        self, network: VISTA3D, volumes: list[CachedVolume], weights: list[float], req: TrainRequest
-    ) -> TrainStats:
-        """Train ``network`` in place."""
+        self,
+        network: VISTA3D,
+        volumes: list[CachedVolume],
+        weights: list[float],
+        req: TrainRequest,
+        items: list[FinalLabel],
+        new: set[str],
+    ) -> Trained:
+        """Train ``network`` (a copy of the served one) in place on ``items``, ``new`` the image ids
+        the served version has not learned from."""
 
     @abstractmethod
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
-        """Validation figures with a ``score`` (higher is better) when there is anything to score."""
+        """Figures with ``per_object`` scores and their mean ``score`` (higher is better) when any object."""
+
+    def _served_validation(self, served: ServedVersion, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
+        """The served version's validation figures: stored with it, rescored when the split grew."""
+        stored = served.validation or {}
+        if stored.get("images") == sorted(f.image_id for f in items) and "per_object" in stored:
+            return stored
+        figures = self.score(self.model.network, items, req)
+        self.store.update_validation(figures)
+        return figures
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         req = TrainRequest.parse(request, self.settings, self.patch[0])
@@ -148,34 +194,44 @@ class FineTuneTask(TrainTask):
         served = self.store.served()
         learned = set(served.trained_on)
         new = {f.image_id for f in train_items if f.stamp not in learned}
+        req = replace(req, lr=round_lr(req.lr, len(learned), req.lr_half_life))
         logger.info(
             "%s round: %d training labels (%d new), %d validation; served v%d (%s); %s",
             self.kind, len(train_items), len(new), len(val_items), served.version, self.model.weights, req,
         )  # fmt: skip
         volumes = load_final_volumes(train_items, self.labels.preprocessing, self.studies)
         candidate = copy.deepcopy(self.model.network)
-        stats = self.train(candidate, volumes, replay_weights(volumes, new, req.replay_share), req)
-        served_val = served.validation or {}
-        if served_val.get("images") != sorted(f.image_id for f in val_items):
-            served_val = self.score(self.model.network, val_items, req)  # the split grew: rescore
-            self.store.update_validation(served_val)
-        candidate_val = self.score(candidate, val_items, req)
-        promote, reason = gate(served_val, candidate_val, req.tolerance)
-        round_info = {
+        trained = self.train(candidate, volumes, replay_weights(volumes, new, req.replay_share), req, train_items, new)
+        stats = trained.stats
+        round_info: dict[str, Any] = {
             "kind": self.kind,
             "from_version": served.version,
+            "lr": round(req.lr, 6),
             "steps": stats.steps,
             "s_per_step": round(stats.s_per_step, 3),
             "loss_first": round(stats.loss_first, 4),
             "loss_last": round(stats.loss_last, 4),
             "train_labels": len(train_items),
             "new_labels": len(new),
-            "candidate_validation": candidate_val,
-            "served_validation": served_val,
-            "reason": reason,
-            "seconds": round(time.perf_counter() - begin, 1),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "early_stop": trained.early_stop,
         }
+        if trained.improved:
+            served_val = self._served_validation(served, val_items, req)
+            candidate_val = self.score(candidate, val_items, req)
+            decision = decide(
+                (served_val.get("per_object", {}), candidate_val.get("per_object", {})),
+                trained.new_labels,
+                GateConfig(tolerance=req.tolerance),
+            )
+            promote, reason = decision.promote, decision.reason
+            round_info.update(
+                candidate_validation=_figures(candidate_val), served_validation=_figures(served_val),
+                gate=decision.as_dict(),
+            )  # fmt: skip
+        else:
+            promote, reason = False, "the candidate never beat the served model on its own training labels"
+        round_info.update(reason=reason, seconds=round(time.perf_counter() - begin, 1))
+        round_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         seen = [f.stamp for f in labelled]
         if promote:
             entry = self.store.promote(candidate, candidate_val, [f.stamp for f in train_items], round_info, seen)
@@ -187,23 +243,62 @@ class FineTuneTask(TrainTask):
         return round_info
 
 
+def _figures(scores: dict[str, Any]) -> dict[str, Any]:
+    """Validation figures without the per-object scores (those go in the gate's evidence)."""
+    return {k: v for k, v in scores.items() if k != "per_object"}
+
+
 class PointTrainTask(FineTuneTask):
     """Fine-tunes the point branch (and the encoder unless ``train_encoder`` is false)."""
 
     kind = "point"
 
     def train(
-        self, network: VISTA3D, volumes: list[CachedVolume], weights: list[float], req: TrainRequest
-    ) -> TrainStats:
-        if req.world_size == 1:
-            return train_point(network, volumes, weights, req, self.labels.special)
+        self,
+        network: VISTA3D,
+        volumes: list[CachedVolume],
+        weights: list[float],
+        req: TrainRequest,
+        items: list[FinalLabel],
+        new: set[str],
+    ) -> Trained:
+        if req.world_size > 1:
+            return self._train_distributed(network, volumes, weights, req, items, new)
+        if req.patience == 0:
+            stats = train_point(network, volumes, weights, req, self.labels.special)
+            return Trained(stats, self._new_label_scores(network, items, new, req))
+        scorer = ClickScorer(self.model.preset, self.labels, monitored_labels(items, new), req.clicks)
+        early = EarlyStop(network, scorer, req.steps, req.check_every, req.patience)
+        early.baseline()
+        stats = train_point(network, volumes, weights, req, self.labels.special, stop_when=early)
+        early.restore_best()
+        new_labels = (_on_images(early.baseline_scores, new), _on_images(early.best_scores, new))
+        return Trained(stats, new_labels, early.improved, early.summary())
+
+    def _train_distributed(
+        self,
+        network: VISTA3D,
+        volumes: list[CachedVolume],
+        weights: list[float],
+        req: TrainRequest,
+        items: list[FinalLabel],
+        new: set[str],
+    ) -> Trained:
+        """``world_size`` processes, the whole schedule (no early stop: every rank would have to agree)."""
         out = self.store.root / ".distributed-candidate.tmp"
         state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         spawn(req.world_size, _point_worker, state, network, volumes, weights, req, self.labels.special, str(out))
         result = torch.load(out, map_location="cpu", weights_only=False)
         out.unlink(missing_ok=True)
         network.load_state_dict(result["state"])
-        return result["stats"]
+        return Trained(result["stats"], self._new_label_scores(network, items, new, req))
+
+    def _new_label_scores(
+        self, network: VISTA3D, items: list[FinalLabel], new: set[str], req: TrainRequest
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        fresh = [f for f in items if f.image_id in new]
+        served = self.score(self.model.network, fresh, req).get("per_object", {})
+        return served, self.score(network, fresh, req).get("per_object", {})
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         return click_dice(network, self.model.preset, self.labels, items, req.clicks)
@@ -215,13 +310,22 @@ class AutoTrainTask(FineTuneTask):
     kind = "auto"
 
     def train(
-        self, network: VISTA3D, volumes: list[CachedVolume], weights: list[float], req: TrainRequest
-    ) -> TrainStats:
+        self,
+        network: VISTA3D,
+        volumes: list[CachedVolume],
+        weights: list[float],
+        req: TrainRequest,
+        items: list[FinalLabel],
+        new: set[str],
+    ) -> Trained:
         seed_everything(req.seed)
         trainer = AutoTrainer(network, lr=req.lr)
         sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed, weights)
         max_s = 60 * req.max_minutes if req.max_minutes else None
-        return run_steps(trainer, sampler, req.steps, max(1, req.steps // 10), desc="auto", max_seconds=max_s)
+        stats = run_steps(trainer, sampler, req.steps, max(1, req.steps // 10), desc="auto", max_seconds=max_s)
+        fresh = [f for f in items if f.image_id in new]
+        served = self.score(self.model.network, fresh, req).get("per_object", {})
+        return Trained(stats, (served, self.score(network, fresh, req).get("per_object", {})))
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         return auto_dice(network, self.model.preset, self.labels, items)

@@ -1,4 +1,4 @@
-"""The promotion gate's measurement: clicks-to-Dice (and auto Dice) on the persisted validation split.
+"""The promotion gate's measurement: clicks-to-Dice (and auto Dice) per object of a set of final labels.
 
 Validation runs the server's own inference code (:mod:`lib.segment`) on the original images, so a
 promoted model is better at exactly what annotators use.
@@ -16,12 +16,14 @@ from monai.networks.nets.vista3d import VISTA3D
 
 from ..imageio import load_label
 from ..labels import LabelDictionary
+from ..model import patch_size_for
 from ..prompts import AutoPrompt
 from ..segment import new_state, segment_auto
+from ..sessions import ImageState
 from ..simulate import clicks_to_dice, dice, scoring_engine
 from .labelled import FinalLabel
 
-__all__ = ["auto_dice", "click_dice", "gate"]
+__all__ = ["ClickScorer", "auto_dice", "click_dice", "object_key", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,35 +37,78 @@ def _objects(label: np.ndarray, limit: int) -> list[int]:
     return [int(i) for i in ids[np.argsort(-counts)][:limit]]
 
 
-def click_dice(
-    network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int
-) -> dict[str, Any]:
-    """Mean Dice after each simulated click over the objects of ``items``; ``score`` = mean over clicks."""
-    engine = scoring_engine(network, preset, labels)
-    curves = []
-    start = time.perf_counter()
-    for item in items:
-        state = new_state(item.image, labels.preprocessing, engine.patch)
-        truth_map = np.asarray(load_label(item.label, state.original_shape))
-        for class_id in _objects(truth_map, MAX_OBJECTS_PER_IMAGE):
-            curves.append(clicks_to_dice(engine, state, truth_map == class_id, class_id, clicks))
+def object_key(image_id: str, class_id: int) -> str:
+    return f"{image_id}#{class_id}"
+
+
+class ClickScorer:
+    """Clicks-to-Dice of a network on the objects of some final labels, each image preprocessed once.
+
+    The gate and a round's early stop score the same objects many times (served, then candidates
+    every few steps): loading and preprocessing is paid once per image.
+    """
+
+    def __init__(self, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int) -> None:
+        self.preset = preset
+        self.labels = labels
+        self.clicks = clicks
+        self._cases: list[tuple[str, ImageState, np.ndarray, list[int]]] = []
+        patch = patch_size_for(preset)
+        for item in items:
+            state = new_state(item.image, labels.preprocessing, patch)
+            truth = np.asarray(load_label(item.label, state.original_shape))
+            self._cases.append((item.image_id, state, truth, _objects(truth, MAX_OBJECTS_PER_IMAGE)))
+
+    @property
+    def images(self) -> list[str]:
+        return sorted(image_id for image_id, *_ in self._cases)
+
+    def curves(self, network: VISTA3D) -> dict[str, list[float]]:
+        """Object key -> Dice after each simulated click."""
+        engine = scoring_engine(network, self.preset, self.labels)
+        out = {}
+        for image_id, state, truth, objects in self._cases:
+            state.features.clear()  # features of another network
+            for class_id in objects:
+                out[object_key(image_id, class_id)] = clicks_to_dice(
+                    engine, state, truth == class_id, class_id, self.clicks
+                )
+        return out
+
+    def score(self, network: VISTA3D) -> dict[str, Any]:
+        """Summary figures and per-object scores (mean Dice over the clicks), as the gate compares them."""
+        start = time.perf_counter()
+        curves = self.curves(network)
+        logger.info("Scored %d objects, %d clicks each, %.1f s", len(curves), self.clicks, time.perf_counter() - start)
+        return summarise(self.images, curves)
+
+
+def summarise(images: list[str], curves: dict[str, list[float]]) -> dict[str, Any]:
+    """``score`` (mean over objects of the mean over clicks), Dice at the first and last click, per object."""
     if not curves:
-        return {"images": [], "objects": 0}
-    mean = np.mean(np.asarray(curves), axis=0)
-    logger.info("Validation: %d objects, %d clicks each, %.1f s", len(curves), clicks, time.perf_counter() - start)
+        return {"images": images, "objects": 0, "per_object": {}}
+    mean = np.mean(np.asarray(list(curves.values())), axis=0)
     return {
-        "images": sorted(i.image_id for i in items),
+        "images": images,
         "objects": len(curves),
         "score": round(float(mean.mean()), 4),
         "dice_1": round(float(mean[0]), 4),
-        f"dice_{clicks}": round(float(mean[-1]), 4),
+        f"dice_{len(mean)}": round(float(mean[-1]), 4),
+        "per_object": {k: round(float(np.mean(v)), 4) for k, v in sorted(curves.items())},
     }
 
 
+def click_dice(
+    network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int
+) -> dict[str, Any]:
+    """Mean Dice after each simulated click over the objects of ``items``, and per object."""
+    return ClickScorer(preset, labels, items, clicks).score(network)
+
+
 def auto_dice(network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel]) -> dict[str, Any]:
-    """Mean per-class Dice of the automatic branch on the classes (<= 132) each label holds."""
+    """Automatic-branch Dice of each class (<= 132) each label holds; ``score`` is their mean."""
     engine = scoring_engine(network, preset, labels)
-    scores: list[float] = []
+    scores: dict[str, float] = {}
     for item in items:
         state = new_state(item.image, labels.preprocessing, engine.patch)
         truth = np.asarray(load_label(item.label, state.original_shape))
@@ -71,21 +116,9 @@ def auto_dice(network: VISTA3D, preset: str, labels: LabelDictionary, items: Seq
         if not classes:
             continue
         pred = segment_auto(engine, state, AutoPrompt(class_ids=tuple(classes)))
-        scores.extend(dice(pred == c, truth == c) for c in classes)
+        scores.update({object_key(item.image_id, c): round(dice(pred == c, truth == c), 4) for c in classes})
+    images = sorted(i.image_id for i in items)
     if not scores:
-        return {"images": [], "objects": 0}
-    return {
-        "images": sorted(i.image_id for i in items),
-        "objects": len(scores),
-        "score": round(float(np.mean(scores)), 4),
-    }
-
-
-def gate(served: dict[str, Any], candidate: dict[str, Any], tolerance: float) -> tuple[bool, str]:
-    """Promote unless the candidate is worse than the served model by more than ``tolerance``."""
-    if "score" not in candidate or "score" not in served:
-        return False, "no validation labels yet: nothing to compare on (the split needs two final labels)"
-    drop = served["score"] - candidate["score"]
-    if drop > tolerance:
-        return False, f"candidate {candidate['score']:.4f} is worse than served {served['score']:.4f} by {drop:.4f}"
-    return True, f"candidate {candidate['score']:.4f} vs served {served['score']:.4f} (tolerance {tolerance})"
+        return {"images": images, "objects": 0, "per_object": {}}
+    return {"images": images, "objects": len(scores), "score": round(float(np.mean(list(scores.values()))), 4),
+            "per_object": scores}  # fmt: skip

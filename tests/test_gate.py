@@ -1,0 +1,106 @@
+"""The promotion gate's decisions on paired per-object scores, and the early stop of a round."""
+
+from __future__ import annotations
+
+import torch
+
+from lib.model import build_network
+from lib.trainers.early_stop import EarlyStop, monitored_labels, round_lr
+from lib.trainers.gate import GateConfig, decide
+
+CONFIG = GateConfig(tolerance=0.01, min_objects=4)
+
+
+def scores(values: list[float], prefix: str = "v") -> dict[str, float]:
+    return {f"{prefix}{i}#133": v for i, v in enumerate(values)}
+
+
+def test_a_clearly_better_candidate_on_one_validation_label_is_promoted() -> None:
+    """The old gate compared two means and refused such a candidate on one label; now one label cannot refuse."""
+    decision = decide((scores([0.55]), scores([0.50])), (scores([0.2, 0.3], "n"), scores([0.6, 0.7], "n")), CONFIG)
+    assert decision.promote and "too few validation objects" in decision.reason
+    assert decision.validation is not None and decision.validation.objects == 1
+    assert decision.new_labels is not None and decision.new_labels.better == 2
+
+
+def test_a_clearly_worse_candidate_is_refused_on_few_labels() -> None:
+    decision = decide((scores([0.6]), scores([0.3])), (scores([0.5, 0.6], "n"), scores([0.1, 0.2], "n")), CONFIG)
+    assert not decision.promote and "worse on 1 validation + 2 new-label objects" in decision.reason
+
+
+def test_worse_with_confidence_on_enough_validation_objects_is_refused() -> None:
+    served = scores([0.60, 0.70, 0.50, 0.65, 0.55])
+    candidate = scores([0.50, 0.62, 0.41, 0.55, 0.47])
+    decision = decide((served, candidate), ({}, {}), CONFIG)
+    assert not decision.promote and "with confidence" in decision.reason
+    assert decision.validation is not None and decision.validation.upper < 0 and decision.validation.worse == 5
+
+
+def test_a_mixed_result_on_enough_objects_is_not_worse_with_confidence() -> None:
+    served = scores([0.60, 0.70, 0.50, 0.65, 0.55])
+    candidate = scores([0.40, 0.80, 0.60, 0.50, 0.70])  # mean -0.0 but noisy
+    decision = decide((served, candidate), ({}, {}), CONFIG)
+    assert decision.promote and decision.validation is not None and decision.validation.upper > 0
+
+
+def test_no_objects_no_promotion_and_evidence_is_reported() -> None:
+    decision = decide(({}, {}), ({}, {}), CONFIG)
+    assert not decision.promote and decision.as_dict()["validation"] is None
+    report = decide((scores([0.5]), scores([0.6])), ({}, {}), CONFIG).as_dict()
+    assert report["validation"] == {"objects": 1, "mean": 0.1, "upper": 0.1, "better": 1, "worse": 0}
+
+
+def test_round_learning_rate_falls_with_the_labels_learned() -> None:
+    assert round_lr(1e-3, 0, 5) == 1e-3
+    assert round_lr(1e-3, 15, 5) == 0.5e-3
+    assert round_lr(1e-3, 15, 0) == 1e-3
+
+
+class ScriptedScorer:
+    """Training-label scores by check, as :class:`lib.trainers.validation.ClickScorer` would return them."""
+
+    def __init__(self, means: list[float]) -> None:
+        self.means = iter(means)
+
+    def curves(self, network: torch.nn.Module) -> dict[str, list[float]]:
+        m = next(self.means)
+        return {"a#133": [m, m], "b#133": [m, m]}
+
+
+def test_early_stop_keeps_the_best_state_and_stops_after_patience() -> None:
+    network = build_network("small")
+    early = EarlyStop(network, ScriptedScorer([0.4, 0.5, 0.6, 0.55, 0.58]), steps=100, every=10, patience=2)  # type: ignore[arg-type]
+    assert early.baseline() == 0.4
+    param = next(network.parameters())
+    stops = []
+    for step in range(1, 51):
+        with torch.no_grad():
+            param.add_(1.0)  # "training"
+        if step == 20:
+            best = param.detach().clone()
+        stops.append(early(step))
+        if stops[-1]:
+            break
+    assert len(stops) == 40 and stops[-1] and not any(stops[:-1]), "stops at the second check without a gain"
+    assert early.improved and early.best_step == 20
+    early.restore_best()
+    assert torch.equal(next(network.parameters()), best)
+    assert early.summary()["checks"] == [[0, 0.4], [10, 0.5], [20, 0.6], [30, 0.55], [40, 0.58]]
+
+
+def test_a_round_that_never_beats_its_baseline_keeps_nothing() -> None:
+    network = build_network("small")
+    early = EarlyStop(network, ScriptedScorer([0.5, 0.5, 0.49]), steps=20, every=10, patience=5)  # type: ignore[arg-type]
+    early.baseline()
+    assert not early(10) and early(20) is False
+    assert not early.improved and early.best_scores == early.baseline_scores
+
+
+def test_monitored_labels_put_new_ones_first() -> None:
+    class Label:
+        def __init__(self, image_id: str) -> None:
+            self.image_id = image_id
+
+    items = [Label(f"s{i}") for i in range(12)]
+    chosen = [f.image_id for f in monitored_labels(items, {"s1", "s3"})]  # type: ignore[arg-type]
+    assert chosen[:2] == ["s1", "s3"] and chosen[2:4] == ["s11", "s10"] and len(chosen) == 8
