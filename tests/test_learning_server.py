@@ -76,6 +76,7 @@ def loop_server(tmp_path: Path, test_weights: Path) -> Iterator[Server]:
         "train_steps": "2",
         "promote_tolerance": "1.0",
         "train_threads": "1",
+        "train_patience": "0",  # 2 steps on random weights: no early stop, the gate alone decides
     }
     with running_server(str(_studies(tmp_path / "studies")), tmp_path / "server.log", test_weights, conf) as s:
         yield s
@@ -114,7 +115,13 @@ def _training_process(server: Server) -> psutil.Process | None:
 
 @pytest.fixture
 def manual_server(tmp_path: Path, test_weights: Path) -> Iterator[Server]:
-    conf = {"train_trigger": "0", "train_steps": "500", "promote_tolerance": "1.0", "train_threads": "1"}
+    conf = {
+        "train_trigger": "0",
+        "train_steps": "500",
+        "promote_tolerance": "1.0",
+        "train_threads": "1",
+        "train_patience": "0",
+    }
     with running_server(str(_studies(tmp_path / "studies")), tmp_path / "server.log", test_weights, conf) as s:
         yield s
 

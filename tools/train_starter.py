@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the point branch")
     p.add_argument("--checkpoint", type=Path, help="resume from / write the point run's checkpoint here")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--before", type=Path, help="earlier starter weights to score on the same held-out cases")
     return p.parse_args(argv)
 
 
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     auto = train_auto_recipe(network, config, args.auto_steps)
     report["auto"] = {"steps": auto.steps, "seconds": round(auto.seconds, 1), "loss_last": round(auto.loss_last, 4)}
     report["sarcoma_heldout"] = heldout_sarcoma_dice(network, args.data)
+    if args.before:
+        before = build_network("small")
+        load_state(before, args.before)
+        report["sarcoma_heldout_before"] = {**heldout_sarcoma_dice(before, args.data), "weights": str(args.before)}
     organs = organ_dice(network, args.data)
     report["organs_auto_dice_on_training_scan"] = organs
     report["organs_mean"] = round(float(np.mean(list(organs.values()))), 4)
