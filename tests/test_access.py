@@ -65,6 +65,7 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/ohif/{path:path}"): Sample("/ohif/"),
     ("GET", "/proxy/dicom/{path:path}"): Sample("/proxy/dicom/studies", (404,)),  # a local datastore: no proxy
     ("GET", "/info/"): Sample("/info/"),
+    ("GET", "/queue"): Sample("/queue"),
     ("POST", "/infer/{model}"): Sample("/infer/nosuchmodel?image=STS_001_ct", (404,)),
     ("POST", "/activelearning/{strategy}"): Sample("/activelearning/first", (200,), {"json": {}}),
     ("GET", "/datastore/"): Sample("/datastore/"),

@@ -98,8 +98,10 @@ def test_image_is_a_datastore_id_never_a_path(server: Server, image: str) -> Non
 def test_params_label_is_never_read_as_a_file(server: Server) -> None:
     """Slicer's ``label`` is a name; a path there must not make the server read that file as the previous label."""
     gtv = STS / "STS_001_gtv.nii.gz"  # voxels 1 (liver's id) where the tumour is
-    response = infer_json(server.url, "STS_001_ct", {**VALID, "label": str(gtv)})
+    params = {**VALID, "label": str(gtv), "client_id": "label-path-test"}  # a session of its own
+    response = infer_json(server.url, "STS_001_ct", params)
     assert response.status_code == 200, response.text
+    assert response.json()["previous"] == "empty"
     assert set(response.json()["label_names"].values()) <= {3}, "the result holds only what the click made"
 
 

@@ -120,3 +120,59 @@ def test_a_changed_image_file_is_a_new_state(tmp_path: Path) -> None:
     assert state_key(str(path)) == before
     path.write_bytes(b"second version, another size")
     assert state_key(str(path)) != before, "an edited file must not reuse cached features or results"
+
+
+def test_users_share_an_image_and_its_features_but_not_results(engine: Engine) -> None:
+    store = SessionStore(budget_bytes=10**9)
+    loads: list[int] = []
+
+    def create() -> ImageState:
+        loads.append(1)
+        return new_state(str(STS / "STS_001_ct.nii.gz"), LABELS.preprocessing, PATCH)
+
+    alice, fresh_a = store.session("alice", "img", create)
+    bob, fresh_b = store.session("bob", "img", create)
+    assert fresh_a and fresh_b and loads == [1], "the image is loaded once for both"
+    assert alice.image is bob.image and alice.features is bob.features
+    engine.points(alice, np.array([[40.0, 40.0, 30.0]]), np.array([True]), 6, np.array([0]))
+    assert len(bob.features) == 1, "bob's clicks reuse the window alice's click encoded"
+    alice.result = np.ones(alice.original_shape, dtype=np.int16)
+    alice.clicks[6] = [(40, 40, 30, True)]
+    assert bob.result is None and bob.clicks == {}
+    again, fresh = store.session("alice", "img", create)
+    assert again is alice and not fresh
+
+
+def test_idle_sessions_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SessionStore(budget_bytes=10**9, idle_s=60)
+    clock = [1000.0]
+    monkeypatch.setattr("lib.sessions.time.monotonic", lambda: clock[0])
+    first, _ = store.session("alice", "a", lambda: _state(16))
+    clock[0] += 30
+    assert store.session("alice", "a", lambda: _state(16))[0] is first
+    clock[0] += 61
+    store.session("bob", "a", lambda: _state(16))  # any request sweeps
+    again, fresh = store.session("alice", "a", lambda: _state(16))
+    assert fresh and again is not first and store.sessions() == 2
+
+
+def test_over_budget_results_go_before_an_image_in_use() -> None:
+    store = SessionStore(budget_bytes=1500)
+    alice, _ = store.session("alice", "a", lambda: _state(1000))
+    alice.result = np.zeros(300, dtype=np.int16)  # 600 bytes: 1600 in all, over the budget
+    editing, done = threading.Event(), threading.Event()
+
+    def request() -> None:  # a request in another thread is editing the session: it stays
+        with alice.lock:
+            editing.set()
+            done.wait(5)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    editing.wait(5)
+    store.enforce_budget()
+    assert store.sessions() == 1
+    done.set()
+    worker.join()
+    store.enforce_budget()
+    assert store.sessions() == 0 and len(store) == 1, "the session went, the image stayed"

@@ -24,11 +24,11 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.dice import MultiClassDice
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
-from lib.datastore import SafeLocalDatastore, UnknownImageError, check_plain_name
+from lib.datastore import SafeLocalDatastore, UnknownImageError, check_plain_name, latest_label
 from lib.dicomweb import open_dicomweb_datastore
 from lib.engine import Engine
 from lib.imageio import warm_up_writer
-from lib.infers.vista3d import UnknownModelError, Vista3DInfer
+from lib.infers.vista3d import IMAGE_ID_KEY, UnknownModelError, Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
 from lib.model import load_model, patch_size_for, resolve_device
@@ -49,7 +49,9 @@ class MyApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = Settings.from_conf(conf)
-        torch.set_num_threads(self.settings.threads)
+        # Background processes (training rounds, scoring) build this app too: they take train_threads;
+        # the server process takes `threads` in on_init_complete (see lib/server/threads.py).
+        torch.set_num_threads(self.settings.train_threads)
         self.model_dir = Path(app_dir) / "model"
         self.dictionary = load_label_dictionary()
         device = resolve_device(self.settings.device)
@@ -65,7 +67,7 @@ class MyApp(MONAILabelApp):
             precision=self.settings.precision,
             auto_memory_mb=self.settings.auto_memory_mb,
         )
-        self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024)
+        self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024, self.settings.session_idle_s)
         warm_up_writer()
         self.registry = ZeroShotRegistry(
             state_dir(studies, app_dir) / "zero_shot_labels.json", self.settings.zero_shot_names_per_hour
@@ -100,6 +102,7 @@ class MyApp(MONAILabelApp):
                 self.sessions_store,
                 self.reloader,
                 max_points=self.settings.max_points,
+                saved_label=lambda image_id, user: latest_label(self.datastore(), image_id, user),
             )
         }
 
@@ -111,6 +114,7 @@ class MyApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         """Start the learning loop (server process only; training subprocesses never get here)."""
         _check_served_behind_edge()
+        torch.set_num_threads(self.settings.threads)
         super().on_init_complete()
         self.loop = LearningLoop(
             self.settings.train_trigger,
@@ -145,7 +149,7 @@ class MyApp(MONAILabelApp):
         image = check_plain_name(str(request.get("image") or ""), "image (a datastore id)")
         if not (datastore or self.datastore()).get_image_uri(image):
             raise UnknownImageError(f"unknown image id {image!r}")
-        return super().infer(request, datastore)
+        return super().infer({**request, IMAGE_ID_KEY: image}, datastore)
 
 
 def _check_served_behind_edge() -> None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 import nibabel as nib
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.datastore import Datastore
 
 from .imageio import check_volume_header, load_label
 
@@ -35,6 +36,7 @@ __all__ = [
     "UnknownImageError",
     "check_plain_name",
     "file_extension",
+    "latest_label",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,20 @@ def file_extension(filename: str, allowed: Sequence[str], what: str) -> str:
         if filename.lower().endswith(ext):
             return ext
     raise DatastoreError(f"{what} {os.path.basename(filename)[:80]!r} must be one of {list(allowed)}")
+
+
+def latest_label(datastore: Datastore, image_id: str, user: str) -> str | None:
+    """The file of the newest label of ``image_id`` that ``user`` saved (any tag), or None.
+
+    Labels saved through the server record who saved them (``info["user"]``); a click whose session
+    was lost starts from this label.
+    """
+    newest: tuple[int, str] | None = None
+    for tag, label_id in datastore.get_labels_by_image_id(image_id).items():
+        info = datastore.get_label_info(label_id, tag)
+        if info.get("user") == user and (newest is None or int(info.get("ts", 0)) > newest[0]):
+            newest = (int(info.get("ts", 0)), datastore.get_label_uri(label_id, tag))
+    return newest[1] if newest and newest[1] else None
 
 
 def _image_shape(path: str) -> tuple[int, ...] | None:

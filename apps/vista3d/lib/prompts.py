@@ -27,6 +27,7 @@ __all__ = [
     "OutputOptions",
     "PointPrompt",
     "PromptError",
+    "is_interactive",
     "parse_output",
     "parse_prompt",
 ]
@@ -203,6 +204,11 @@ def _parse_points_prompt(params: Mapping[str, Any], resolver: _Resolver, max_poi
     return PointPrompt(points, positive, class_id, new_name)
 
 
+def is_interactive(params: Mapping[str, Any]) -> bool:
+    """Whether a request carries clicks (then it is interactive; otherwise automatic)."""
+    return any(params.get(k) not in (None, []) for k in ("points", "foreground", "background"))
+
+
 def parse_prompt(
     params: Mapping[str, Any], labels: LabelDictionary, registry: ZeroShotRegistry, max_points: int = DEFAULT_MAX_POINTS
 ) -> AutoPrompt | PointPrompt:
@@ -213,8 +219,7 @@ def parse_prompt(
     is known to be valid.
     """
     resolver = _Resolver(labels, registry)
-    has_points = any(params.get(k) not in (None, []) for k in ("points", "foreground", "background"))
-    if has_points:
+    if is_interactive(params):
         return _parse_points_prompt(params, resolver, max_points)
     if params.get("point_labels"):
         raise PromptError("point_labels given without points")

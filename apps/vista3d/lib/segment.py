@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +33,15 @@ def new_state(image_path: str, pre: Preprocessing, patch: tuple[int, int, int]) 
     )
 
 
-def segment_auto(engine: Engine, state: ImageState, prompt: AutoPrompt) -> np.ndarray:
-    """Class-prompted segmentation of the whole image -> [H, W, D] int16 ids on the original grid."""
-    ids = engine.auto(state.image, prompt.class_ids)
+def segment_auto(
+    engine: Engine, state: ImageState, prompt: AutoPrompt, on_window: Callable[[int, int], None] | None = None
+) -> np.ndarray:
+    """Class-prompted segmentation of the whole image -> [H, W, D] int16 ids on the original grid.
+
+    ``on_window(i, n)`` is called before each window pass (see :meth:`.Engine.auto`): the server's
+    scheduler runs waiting clicks there, or stops a request whose client has gone.
+    """
+    ids = engine.auto(state.image, prompt.class_ids, on_window=on_window)
     out = resample_nearest(ids[None], state.model_affine, state.original_affine, state.original_shape)[0]
     return out.astype(np.int16)
 

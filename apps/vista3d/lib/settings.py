@@ -103,6 +103,11 @@ class Settings:
         token_hours: lifetime of a sign-in token or session cookie.
         max_points: clicks per request; more get HTTP 400, so that no request holds the server for long.
         zero_shot_names_per_hour: new zero-shot label names one user may create per hour.
+        session_idle_s: a user's session on an image (result, clicks) is dropped after this many
+            seconds without a request; their next click starts from their last saved label.
+        queue_max: inference requests queued or running at once; one more gets HTTP 503.
+        queue_wait_s: a request that has not started after this many seconds gets HTTP 503 (with
+            ``Retry-After``) instead of waiting on.
     """
 
     preset: str = "small"
@@ -126,6 +131,9 @@ class Settings:
     token_hours: float = 12.0
     max_points: int = 200
     zero_shot_names_per_hour: int = 20
+    session_idle_s: float = 3600.0
+    queue_max: int = 16
+    queue_wait_s: float = 300.0
 
     @classmethod
     def from_conf(cls, conf: dict[str, Any]) -> Settings:
@@ -158,10 +166,13 @@ class Settings:
                 "train_threads",
                 "max_points",
                 "zero_shot_names_per_hour",
+                "queue_max",
             ):
                 values[key] = _parse_positive_int(key, value)
             elif key == "token_hours":
                 values[key] = _parse_number(key, value, float, minimum=0.01)
+            elif key in ("session_idle_s", "queue_wait_s"):
+                values[key] = _parse_number(key, value, float, minimum=1.0)
             elif key in ("train_trigger", "train_patience"):
                 values[key] = _parse_number(key, value, int, minimum=0)
             elif key == "train_lr":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,7 +27,15 @@ from ..segment import ClickEdit, new_state, segment_auto, segment_points
 from ..sessions import ImageState, SessionStore, state_key
 from ..zero_shot import ZeroShotRegistry
 
-__all__ = ["LABEL_FILE_KEY", "USER_KEY", "UnknownModelError", "Vista3DInfer"]
+__all__ = [
+    "IMAGE_ID_KEY",
+    "LABEL_FILE_KEY",
+    "ON_WINDOW_KEY",
+    "USER_KEY",
+    "SavedLabel",
+    "UnknownModelError",
+    "Vista3DInfer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,11 @@ DEFAULT_EXTENSION = ".nii.gz"
 # Request keys set by the server, never by a client's params (the serving edge refuses them there):
 USER_KEY = "user"  # whose session the request edits (a signed-in user, Slicer's client_id, or "anonymous")
 LABEL_FILE_KEY = "label_file"  # a label uploaded with the request (a temporary file the edge removes)
+IMAGE_ID_KEY = "image_id"  # the image's datastore id (MONAI Label replaces "image" with its path)
+ON_WINDOW_KEY = "on_window"  # the scheduler's callback between window passes of an automatic segmentation
+
+SavedLabel = Callable[[str, str], str | None]
+"""(image id, user) -> the path of the user's latest saved label of the image, or None."""
 
 
 class UnknownModelError(LookupError):
@@ -42,7 +55,10 @@ class UnknownModelError(LookupError):
 
 
 class Vista3DInfer(InferTask):
-    """Validates the request, segments on the cached image state, writes the label file."""
+    """Validates the request, segments in the caller's session on the image, writes the label file.
+
+    Sessions are per (user, image) (:mod:`..sessions`): a user's clicks edit that user's result only.
+    """
 
     def __init__(
         self,
@@ -52,6 +68,7 @@ class Vista3DInfer(InferTask):
         store: SessionStore,
         reloader: ModelReloader | None = None,
         max_points: int = DEFAULT_MAX_POINTS,
+        saved_label: SavedLabel | None = None,
     ) -> None:
         super().__init__(
             type="vista3d",
@@ -66,6 +83,7 @@ class Vista3DInfer(InferTask):
         self.store = store
         self.reloader = reloader
         self.max_points = max_points
+        self.saved_label = saved_label
 
     def is_valid(self) -> bool:
         return True
@@ -92,7 +110,8 @@ class Vista3DInfer(InferTask):
 
         Raises the core's errors unchanged (the serving edge maps them to status codes):
         :class:`~lib.prompts.PromptError` (bad prompt, point outside the image), :class:`~lib.imageio.ImageError`
-        (unreadable image or label), and the zero-shot registry's limits for new names.
+        (unreadable image or label), the zero-shot registry's limits for new names, and whatever
+        the request's ``on_window`` callback raises to cancel an automatic segmentation.
         """
         begin = time.time()
         if self.reloader is not None:
@@ -103,28 +122,33 @@ class Vista3DInfer(InferTask):
         image_path = str(request["image"])
 
         start = time.time()
-        state = self._state(image_path)
-        previous = None
+        state = self._session(user, image_path)
+        uploaded = None
         if isinstance(prompt, PointPrompt):
             prompt.check_inside(state.original_shape)
-            previous = self._uploaded_label(state, request)
+            uploaded = self._uploaded_label(state, request)
         latency_load = time.time() - start
 
         with self._class_id(prompt, user) as prompt:
             start = time.time()
             edit: ClickEdit | None = None
-            with state.lock:
-                if isinstance(prompt, AutoPrompt):
-                    result = segment_auto(self.engine, state, prompt)
-                else:
-                    edit = self._edit(state, prompt, previous)
-                    result = edit.label
-                state.result = result
+            source = ""
+            if isinstance(prompt, AutoPrompt):  # no lock while it runs: it yields to clicks between windows
+                result = segment_auto(self.engine, state, prompt, request.get(ON_WINDOW_KEY))
+                with state.lock:
+                    state.result = result
+            else:
+                with state.lock, state.features.lock:
+                    previous, source = self._previous(state, uploaded, str(request.get(IMAGE_ID_KEY) or ""), user)
+                    edit = segment_points(self.engine, state, prompt, previous)
+                    state.result = result = edit.label
             latency_infer = time.time() - start
             self.store.enforce_budget()
 
             start = time.time()
-            out_file, out_json = self._write(image_path, state, result, output, self._result_json(prompt, result, edit))
+            out_file, out_json = self._write(
+                image_path, state, result, output, self._result_json(prompt, result, edit, source)
+            )
             latency_write = time.time() - start
         total = time.time() - begin
         out_json["latencies"] = {
@@ -135,8 +159,9 @@ class Vista3DInfer(InferTask):
         }
         kind = "auto" if isinstance(prompt, AutoPrompt) else "zero-shot" if prompt.zero_shot else "points"
         logger.info(
-            "vista3d %s on %s: load/preprocess %.2fs, infer %.2fs, write %.2fs, total %.2fs (weights %s)",
+            "vista3d %s by %s on %s: load/preprocess %.2fs, infer %.2fs, write %.2fs, total %.2fs (weights %s)",
             kind,
+            user,
             image_path,
             latency_load,
             latency_infer,
@@ -146,9 +171,12 @@ class Vista3DInfer(InferTask):
         )
         return out_file, out_json
 
-    def _state(self, image_path: str) -> ImageState:
+    def _session(self, user: str, image_path: str) -> ImageState:
         pre = self.dictionary.preprocessing
-        return self.store.get(state_key(image_path), lambda: new_state(image_path, pre, self.engine.patch))
+        state, _ = self.store.session(
+            user, state_key(image_path), lambda: new_state(image_path, pre, self.engine.patch)
+        )
+        return state
 
     @contextmanager
     def _class_id(self, prompt: AutoPrompt | PointPrompt, user: str) -> Iterator[AutoPrompt | PointPrompt]:
@@ -159,11 +187,23 @@ class Vista3DInfer(InferTask):
         with self.registry.reserve(prompt.new_name, user) as class_id:
             yield dataclasses.replace(prompt, class_id=class_id)
 
-    def _edit(self, state: ImageState, prompt: PointPrompt, previous: np.ndarray | None) -> ClickEdit:
-        """Clicks edit the uploaded label, else this image's last result, else an empty one."""
-        if previous is None:
-            previous = state.result if state.result is not None else np.zeros(state.original_shape, dtype=np.int16)
-        return segment_points(self.engine, state, prompt, previous)
+    def _previous(
+        self, state: ImageState, uploaded: np.ndarray | None, image_id: str, user: str
+    ) -> tuple[np.ndarray, str]:
+        """What the clicks edit, and where it came from (the answer's ``previous``).
+
+        The label uploaded with the request; else this session's result; else, for a session that
+        has none (new, evicted, expired, or the server restarted), the user's latest saved label of
+        the image; else an empty label.
+        """
+        if uploaded is not None:
+            return uploaded, "upload"
+        if state.result is not None:
+            return state.result, "session"
+        saved = self.saved_label(image_id, user) if self.saved_label is not None and image_id else None
+        if saved is not None:
+            return load_label(saved, state.original_shape), "saved label"
+        return np.zeros(state.original_shape, dtype=np.int16), "empty"
 
     @staticmethod
     def _uploaded_label(state: ImageState, request: dict[str, Any]) -> np.ndarray | None:
@@ -187,7 +227,7 @@ class Vista3DInfer(InferTask):
         return str(out_file), out_json
 
     def _result_json(
-        self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, edit: ClickEdit | None
+        self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, edit: ClickEdit | None, source: str
     ) -> dict[str, Any]:
         present = sorted(int(v) for v in np.unique(result) if v)
         names = {
@@ -205,6 +245,7 @@ class Vista3DInfer(InferTask):
         elif edit is not None:
             out["label_prompt"] = [prompt.class_id]
             out["zero_shot"] = prompt.zero_shot
+            out["previous"] = source
             out["clicks"] = [
                 {"point": p.tolist(), "positive": bool(s), "new": n, "applied": a}
                 for p, s, n, a in zip(prompt.points, prompt.positive, edit.new, edit.applied, strict=True)

@@ -58,6 +58,7 @@ RULES: tuple[Rule, ...] = (
     Rule("GET", "/ohif/{path:path}", U, "the bundled OHIF viewer"),
     Rule("GET", "/proxy/dicom/{path:path}", U, "DICOMweb reads through the server (OHIF's images)"),
     Rule("GET", "/info/", U, "models, labels, learning status"),
+    Rule("GET", "/queue", U, "the inference queue (your requests' positions)"),
     Rule("POST", "/infer/{model}", U, "segmentation"),
     Rule("POST", "/activelearning/{strategy}", U, "the next image to annotate"),
     Rule("GET", "/datastore/", U, "datastore summary"),

@@ -38,8 +38,10 @@ from .errors import install_error_handlers
 from .infer_route import infer_router
 from .launch import EDGE_ENV, bind_host, is_loopback
 from .redact import ScrubPathsMiddleware, TruncatingFilter
+from .scheduler import Scheduler
 from .signin import sign_in_router
 from .task_routes import task_router
+from .threads import ThreadBudget
 from .tokens import TokenIssuer
 from .users import UserStore
 
@@ -84,6 +86,8 @@ class Edge:
         users = Path(settings.users) if settings.users else state_dir(studies, app_dir) / "users.json"
         issuer = TokenIssuer.from_key_file(users.parent / "auth_key", settings.token_hours * 3600)
         self.auth = Authenticator(UserStore(users), issuer, settings.auth, self.network)
+        self.threads = ThreadBudget(settings.threads, settings.train_threads)
+        self.scheduler = Scheduler(settings.queue_max, settings.queue_wait_s, on_start=self.threads.apply)
         self.warning = ""
         if self.network and settings.auth == "auto" and len(self.auth.store) == 0:
             raise SystemExit(
@@ -97,10 +101,13 @@ class Edge:
             self.warning = f"sign-in is on but {users} holds no user: nobody can sign in (tools/users.py add)"
 
     def server_info(self, identity: Identity) -> dict[str, Any]:
+        queue = self.scheduler.status(identity.name, show_names=False)
         return {
             "auth": "on" if self.auth.enabled else "off",
             "user": identity.name,
             "role": identity.role.label if identity.role is not None and identity.signed_in else None,
+            "queue": {"length": queue["length"], "running": len(queue["running"])},
+            "threads": self.threads.status(),
         }
 
 
@@ -154,7 +161,13 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    ours = [sign_in_router(edge.auth), _info_router(edge), infer_router(), datastore_router(), task_router()]
+    ours = [
+        sign_in_router(edge.auth),
+        _info_router(edge),
+        infer_router(edge.scheduler, edge.threads),
+        datastore_router(),
+        task_router(),
+    ]
     for router in ours:
         app.include_router(router)
     replaced = set().union(*(_routes(r) for r in ours))

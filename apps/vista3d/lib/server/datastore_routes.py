@@ -20,6 +20,7 @@ from monailabel.interfaces.utils.app import app_instance
 from ..datastore import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_plain_name, file_extension
 from .auth import Identity
 from .forms import json_object, upload_to_temp
+from .infer_route import session_owner
 
 __all__ = ["datastore_router"]
 
@@ -67,10 +68,8 @@ def datastore_router() -> APIRouter:
     ) -> dict[str, Any]:
         info = json_object(params, "params")
         tag = check_plain_name(tag or DefaultLabelTag.FINAL.value, "label tag")
-        identity: Identity = request.state.identity
-        if identity.signed_in:
-            info["user"] = identity.name
-        logger.info("Saving label %s (tag %s) by %s", image, tag, identity.name)
+        info["user"] = session_owner(request.state.identity, info)  # a lost session's clicks start from here
+        logger.info("Saving label %s (tag %s) by %s", image, tag, info["user"])
         with upload_to_temp(label, LABEL_EXTENSIONS, "label file") as path:
             return await run_in_threadpool(_save_label, image, path, tag, info)
 

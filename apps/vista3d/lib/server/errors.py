@@ -18,6 +18,7 @@ from ..imageio import ImageError
 from ..infers.vista3d import UnknownModelError
 from ..prompts import PromptError
 from ..zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited
+from .scheduler import Busy, ClientGone
 
 __all__ = ["STATUS", "install_error_handlers"]
 
@@ -33,6 +34,8 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ZeroShotNamesExhausted, 409),
     (ImageError, 422),  # unreadable image or label, label on another grid
     (ZeroShotRateLimited, 429),
+    (ClientGone, 499),  # nobody reads it: the client closed the connection (nginx's code)
+    (Busy, 503),  # not served in time; Retry-After estimated from the jobs ahead
 )
 
 

@@ -5,24 +5,30 @@ It replaces MONAI Label's route, which merged the client's ``params`` over the r
 rejected request left behind, logged the whole params (up to a megabyte a line) and ran the
 inference on the event loop. Here the image is a datastore id, the keys the server sets cannot
 come from the client, an uploaded label lives only as long as the request, and the caller's
-name (the session owner) is handed inward as a plain string.
+name (the session owner) is handed inward as a plain string. The work runs behind the
+:class:`~.scheduler.Scheduler` (clicks first), and a client that disconnects cancels it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+from concurrent.futures import Future
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, HTTPException, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.utils.app import app_instance
 
 from ..datastore import LABEL_EXTENSIONS, check_plain_name
-from ..infers.vista3d import LABEL_FILE_KEY, USER_KEY
+from ..infers.vista3d import IMAGE_ID_KEY, LABEL_FILE_KEY, ON_WINDOW_KEY, USER_KEY
+from ..prompts import is_interactive
 from .auth import Identity
 from .forms import json_object, upload_to_temp
+from .scheduler import Job, Kind, Scheduler
+from .threads import ThreadBudget
 from .users import Role
 
 __all__ = ["SERVER_KEYS", "infer_router", "session_owner"]
@@ -30,7 +36,9 @@ __all__ = ["SERVER_KEYS", "infer_router", "session_owner"]
 logger = logging.getLogger(__name__)
 
 # Request keys only the server sets; a client's params holding any of them are refused.
-SERVER_KEYS = frozenset({"model", "image", "file", "session", "description", USER_KEY, LABEL_FILE_KEY})
+SERVER_KEYS = frozenset(
+    {"model", "image", "file", "session", "description", USER_KEY, LABEL_FILE_KEY, IMAGE_ID_KEY, ON_WINDOW_KEY}
+)
 
 
 def session_owner(identity: Identity, params: dict[str, Any]) -> str:
@@ -59,7 +67,19 @@ def _check_params(params: dict[str, Any], identity: Identity) -> None:
         )
 
 
-def infer_router() -> APIRouter:
+async def _wait(request: Request, scheduler: Scheduler, job: Job, future: Future[Any]) -> Any:
+    """The job's result; the job is cancelled as soon as its client disconnects (checked twice a second)."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.5)
+        if done:
+            return waiting.result()
+        if not job.cancelled.is_set() and await request.is_disconnected():
+            logger.info("Job %d (%s by %s): the client has gone", job.id, job.kind.name.lower(), job.user)
+            scheduler.cancel(job)
+
+
+def infer_router(scheduler: Scheduler, threads: ThreadBudget) -> APIRouter:
     router = APIRouter()
 
     @router.post("/infer/{model}", summary="Segment an image of the datastore (auto, clicks, zero-shot)")
@@ -89,11 +109,26 @@ def infer_router() -> APIRouter:
         logger.info("Infer request by %s: %s", owner, json.dumps({"model": model, "image": image, "params": body}))
         built = {**body, "model": model, "image": image, USER_KEY: owner}
         instance = app_instance()
-        if label is None:
-            result = await run_in_threadpool(instance.infer, built)
-        else:
-            with upload_to_temp(label, LABEL_EXTENSIONS, "label file") as label_file:
-                result = await run_in_threadpool(instance.infer, {**built, LABEL_FILE_KEY: label_file})
+        kind = Kind.CLICK if is_interactive(body) else Kind.AUTO
+        with contextlib.ExitStack() as stack:
+            if label is not None:
+                built[LABEL_FILE_KEY] = stack.enter_context(upload_to_temp(label, LABEL_EXTENSIONS, "label file"))
+
+            def work(job: Job) -> Any:
+                def on_window(i: int, n: int) -> None:
+                    scheduler.checkpoint(job)
+
+                return instance.infer({**built, ON_WINDOW_KEY: on_window})
+
+            job, future = scheduler.submit(kind, owner, image, work)
+            result = await _wait(request, scheduler, job, future)
         return send_response(instance.datastore(), result, output, background_tasks)
+
+    @router.get("/queue", summary="Inference queue: running and waiting requests, yours marked; threads in use")
+    async def queue(request: Request, client_id: str = "") -> dict[str, Any]:
+        identity: Identity = request.state.identity
+        owner = session_owner(identity, {"client_id": client_id})
+        admin = identity.signed_in and identity.role == Role.ADMIN
+        return {**scheduler.status(owner, show_names=admin), "threads": threads.status()}
 
     return router

@@ -1,0 +1,199 @@
+"""Inference off the event loop, one at a time, clicks first.
+
+MONAI Label ran every inference on the event loop: while one automatic segmentation ran, ``/info``
+and every click waited for it. Here each request is a :class:`Job` run in a worker thread, and a
+job computes only while it holds the one compute slot (the device, and the cores it is given).
+Waiting jobs are ordered clicks before automatic segmentations, then by arrival. A running
+automatic segmentation calls :meth:`Scheduler.checkpoint` before each window pass: it hands the
+slot to waiting clicks and takes it back after them, and stops there if its client has gone.
+
+A job that cannot start within ``max_wait_s``, or one more than ``max_jobs`` queued or running,
+gets :class:`Busy` (HTTP 503 with ``Retry-After``, estimated from the recent durations of the jobs
+ahead) rather than a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, TypeVar
+
+__all__ = ["Busy", "ClientGone", "Job", "Kind", "Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Kind(IntEnum):
+    """A job's priority: lower runs first."""
+
+    CLICK = 0
+    AUTO = 1
+
+
+class Busy(Exception):
+    """The request cannot be served in time (HTTP 503); ``retry_after`` is an estimate in seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ClientGone(Exception):
+    """The client went away: a queued job is dropped, a running one stopped at its next window."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One inference request as the scheduler sees it."""
+
+    id: int
+    user: str
+    kind: Kind
+    image: str
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (int(self.kind), self.id)
+
+
+class Scheduler:
+    """One compute slot; see the module docstring. ``on_start`` runs in the job's thread each time it gets the slot."""
+
+    def __init__(self, max_jobs: int, max_wait_s: float, on_start: Callable[[], Any] | None = None) -> None:
+        self.max_jobs = max_jobs
+        self.max_wait_s = max_wait_s
+        self._on_start = on_start
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._jobs: list[Job] = []  # queued and running, in arrival order
+        self._waiting: list[Job] = []  # for the slot, in priority order
+        self._holder: Job | None = None
+        self._seconds: dict[Kind, float] = {Kind.CLICK: 1.0, Kind.AUTO: 60.0}  # recent durations (moving average)
+        self._executor = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="infer")
+
+    def submit(self, kind: Kind, user: str, image: str, work: Callable[[Job], T]) -> tuple[Job, Future[T]]:
+        """Queue ``work(job)``; :class:`Busy` at once when ``max_jobs`` are queued or running."""
+        with self._cond:
+            if len(self._jobs) >= self.max_jobs:
+                raise Busy(f"the server is busy: {len(self._jobs)} requests queued or running", self._eta(None))
+            job = Job(next(self._ids), user, kind, image)
+            self._jobs.append(job)
+        return job, self._executor.submit(self._run, job, work)
+
+    def cancel(self, job: Job) -> None:
+        """The client has gone: drop the job if queued; a running automatic one stops at its next window."""
+        with self._cond:
+            job.cancelled.set()
+            self._cond.notify_all()
+
+    def checkpoint(self, job: Job) -> None:
+        """Between two window passes of ``job``: stop if cancelled; let waiting clicks run first."""
+        if job.cancelled.is_set():
+            raise ClientGone(f"job {job.id}: the client has gone")
+        with self._cond:
+            ahead = sum(w.kind < job.kind for w in self._waiting)
+            if not ahead:
+                return
+            logger.info("Job %d (%s by %s) lets %d waiting clicks run", job.id, job.kind.name.lower(), job.user, ahead)
+            self._release(job)
+        self._acquire(job, deadline=math.inf)
+
+    def _run(self, job: Job, work: Callable[[Job], T]) -> T:
+        try:
+            self._acquire(job, deadline=job.submitted + self.max_wait_s)
+            job.started = time.monotonic()
+            try:
+                result = work(job)
+            finally:
+                self._release(job)
+            self._record(job)
+            return result
+        finally:
+            with self._cond:
+                self._jobs.remove(job)
+
+    def _acquire(self, job: Job, deadline: float) -> None:
+        with self._cond:
+            self._waiting.append(job)
+            self._waiting.sort(key=lambda j: j.order)
+            try:
+                while not (self._holder is None and self._waiting[0] is job):
+                    if job.cancelled.is_set():
+                        raise ClientGone(f"job {job.id}: the client went away while it waited")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Busy(
+                            f"the request waited {self.max_wait_s:.0f} s without starting; try again later",
+                            self._eta(job),
+                        )
+                    self._cond.wait(timeout=min(left, 1.0))
+            finally:
+                self._waiting.remove(job)
+                self._cond.notify_all()  # the head of the queue may have changed
+            self._holder = job
+        if self._on_start is not None:
+            self._on_start()
+
+    def _release(self, job: Job) -> None:
+        with self._cond:
+            if self._holder is job:
+                self._holder = None
+                self._cond.notify_all()
+
+    def _record(self, job: Job) -> None:
+        """Fold the job's time (wall clock since it first started, pauses included) into its kind's average."""
+        if job.started is not None:
+            with self._cond:
+                seconds = time.monotonic() - job.started
+                self._seconds[job.kind] = 0.7 * self._seconds[job.kind] + 0.3 * seconds
+
+    def _eta(self, job: Job | None) -> int:
+        """Seconds until ``job`` (or a new auto) could start: the estimated rest of the jobs ahead of it."""
+        order = job.order if job is not None else (int(Kind.AUTO), 1 << 62)
+        ahead = [j for j in self._jobs if j is not job and (j.started is not None or j.order < order)]
+        now = time.monotonic()
+        total = sum(
+            max(self._seconds[j.kind] - (now - j.started if j.started is not None else 0.0), 1.0) for j in ahead
+        )
+        return max(1, math.ceil(total))
+
+    def status(self, viewer: str | None, show_names: bool) -> dict[str, Any]:
+        """The queue as a client may see it: every job's kind and position, ``mine`` for the viewer's own.
+
+        Names of other users are shown only when ``show_names`` (to admins).
+        """
+        now = time.monotonic()
+        with self._cond:
+            running = [j for j in self._jobs if j.started is not None]
+            queued = sorted((j for j in self._jobs if j.started is None), key=lambda j: j.order)
+
+            def describe(j: Job) -> dict[str, Any]:
+                out: dict[str, Any] = {"kind": j.kind.name.lower(), "mine": j.user == viewer}
+                if show_names or j.user == viewer:
+                    out["user"] = j.user
+                return out
+
+            return {
+                "length": len(queued),
+                "running": [
+                    {**describe(j), "seconds": round(now - (j.started or now), 1), "paused": j is not self._holder}
+                    for j in running
+                ],
+                "queued": [
+                    {**describe(j), "position": n + 1, "waiting_s": round(now - j.submitted, 1)}
+                    for n, j in enumerate(queued)
+                ],
+                "recent_seconds": {k.name.lower(): round(v, 2) for k, v in self._seconds.items()},
+            }
