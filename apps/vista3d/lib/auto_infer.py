@@ -14,10 +14,13 @@ is positive. Three things make it cheaper without changing it:
   depth of the volume instead of all of it. Where even that exceeds the memory budget, the
   volume is cut into blocks across axes 1 and 2 (:mod:`.auto_plan`), at the cost of encoding the
   windows on a block edge once per block.
-* With ``bf16`` the image encoder runs under bfloat16 autocast (on CPUs with AVX512-BF16 every
-  convolution then takes oneDNN's fast path, which float32 misses for MONAI's small 3D inputs);
-  the class head runs in float32 on the encoder's output. The logit sum is never divided by the
-  window count: that changes neither the sign nor the order of the classes.
+* With ``bf16`` the network runs stage by stage (:mod:`.auto_forward`): the full-resolution
+  level that reads the image in float32, the rest under bfloat16 autocast (on CPUs with
+  AVX512-BF16 every convolution then takes oneDNN's fast path, which float32 misses for MONAI's
+  small low-resolution 3D inputs at batch 1).
+
+The logit sum is never divided by the window count: that changes neither the sign nor the order
+of the classes.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def auto_segment(
         class_ids: global ids asked for; a voxel gets the id of its largest positive logit, else 0.
         patch: window size.
         overlap: fraction of a window shared with the next (the bundle's 0.3), as MONAI's.
-        bf16: run the image encoder under bfloat16 autocast.
+        bf16: run the stages of :func:`.auto_forward.bf16_stages` under bfloat16 autocast.
         budget_bytes: the stitching buffer's size limit (see :func:`.auto_plan.plan_blocks`).
         on_window: called before every window pass; an exception it raises propagates, and no
             state of the request outlives this call.
