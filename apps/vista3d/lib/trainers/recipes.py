@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 MODES = ("organs", "lowlevel", "starter")
 
 
-
 def scratch_point_config(special: frozenset[int], rounds: int = 2) -> PointTrainConfig:
     """Dice-led loss (from scratch, full-weight cross-entropy collapsed two 450-step runs to all
     background, the clicks ignored) and 2 objects a step to afford more steps."""
