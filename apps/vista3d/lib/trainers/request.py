@@ -37,7 +37,7 @@ class TrainRequest:
     steps: int = 200
     lr: float = 3e-4
     crop: int = 64
-    rounds: int = 2
+    rounds: int = 3
     train_encoder: bool = True
     replay_share: float = 0.5
     tolerance: float = 0.01
