@@ -46,7 +46,7 @@ from lib.segment import new_state, segment_points
 from lib.sessions import ImageState
 from lib.settings import PRECISIONS, Settings
 from lib.simulate import deepest_voxel, dice, next_click
-from lib.trainers.corpus import SARCOMA_HELDOUT
+from lib.trainers.corpus import SARCOMA_CURVE, SARCOMA_HELDOUT
 
 logger = logging.getLogger("click_latency")
 LABELS = load_label_dictionary()
@@ -130,11 +130,12 @@ def later(times: list[float]) -> float:
     return statistics.median(times[1:]) if len(times) > 1 else float("nan")
 
 
-# The click-quality case set (--quality): the held-out sarcoma cases and five abdominal organs
-# (TotalSegmentator value -> VISTA3D id: liver, spleen, right kidney, left kidney, stomach).
+# The click-quality case set (--quality): the 30 sarcoma cases the starter never saw (the learning
+# curve's and the held-out ones) and five abdominal organs (TotalSegmentator value -> VISTA3D id:
+# liver, spleen, right kidney, left kidney, stomach).
 ORGANS = ((5, 1), (1, 3), (2, 5), (3, 14), (6, 12))
 QUALITY_CASES = [
-    *(str(DATA / "sts" / f"{c}_ct.nii.gz") for c in SARCOMA_HELDOUT),
+    *(str(DATA / "sts" / f"{c}_ct.nii.gz") for c in (*SARCOMA_CURVE, *SARCOMA_HELDOUT)),
     *(f"{DATA / 'totalseg' / 'example_ct.nii.gz'}:{DATA / 'totalseg' / 'example_seg_fast_force_split.nii.gz'}:{v}:{i}"
       for v, i in ORGANS),
 ]  # fmt: skip
@@ -146,9 +147,10 @@ def _padded(dices: list[float], clicks: int) -> list[float]:
 
 
 def dice_per_click(rows: list[dict], clicks: int) -> dict[str, dict]:
-    """Mean Dice after each click, reference and app, for the sarcoma cases and for the organs."""
+    """Mean Dice after each click, reference and app: sarcoma cases, the held-out ones among them, organs."""
     out = {}
     for group, rows_ in (("sarcoma", [r for r in rows if r["class_id"] > 132]),
+                         ("sarcoma_heldout", [r for r in rows if r["case"] in SARCOMA_HELDOUT]),
                          ("organs", [r for r in rows if r["class_id"] <= 132])):  # fmt: skip
         if rows_:
             out[group] = {
@@ -298,7 +300,7 @@ def main() -> None:
     )
     parser.add_argument("--no-http", action="store_true", help="skip the pass through the HTTP server")
     parser.add_argument(
-        "--quality", action="store_true", help="click quality: held-out sarcoma cases and 5 organs, no HTTP pass"
+        "--quality", action="store_true", help="click quality: 30 unseen sarcoma cases and 5 organs, no HTTP pass"
     )
     parser.add_argument("--auto", action="store_true", help="time automatic segmentation instead of clicks")
     parser.add_argument("--auto-image", default=str(DATA / "totalseg" / "example_ct.nii.gz"))

@@ -122,8 +122,8 @@ class Settings:
     train_threads: int = field(default_factory=lambda: max(1, _available_cores() // 2))
     train_steps: int = 200
     promote_tolerance: float = 0.01
-    train_lr: float = 3e-4
-    train_patience: int = 2
+    train_lr: float = 1e-3
+    train_patience: int = 3
     model_store: str = ""
     auth: str = "auto"
     users: str = ""

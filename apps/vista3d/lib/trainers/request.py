@@ -35,7 +35,7 @@ class TrainRequest:
     """
 
     steps: int = 200
-    lr: float = 3e-4
+    lr: float = 1e-3
     crop: int = 64
     rounds: int = 3
     train_encoder: bool = True
@@ -47,7 +47,7 @@ class TrainRequest:
     max_minutes: float | None = None
     lr_half_life: int = 5
     check_every: int = 25
-    patience: int = 2
+    patience: int = 3
 
     @classmethod
     def parse(cls, request: dict[str, Any], settings: Settings, window: int) -> TrainRequest:
