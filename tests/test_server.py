@@ -33,7 +33,8 @@ def test_info_lists_the_vista3d_model(server: Server) -> None:
     model = info["models"]["vista3d"]
     assert model["type"] == "vista3d"
     labels = model["labels"]
-    assert len(labels) == 127
+    # VISTA3D's 127 served classes, plus any zero-shot names other tests on this server registered.
+    assert len([i for i in labels.values() if i <= 132]) == 127
     assert labels["liver"] == 1 and labels["left kidney"] == 14 and labels["kidney"] == 2
     assert "rectum" not in labels  # unsupported by the published model
     assert all(name == name.lower() for name in labels)

@@ -66,6 +66,7 @@ class MyApp(MONAILabelApp):
             special=self.dictionary.special,
             precision=self.settings.precision,
             auto_memory_mb=self.settings.auto_memory_mb,
+            auto_precision=self.settings.auto_precision,
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024, self.settings.session_idle_s)
         warm_up_writer()

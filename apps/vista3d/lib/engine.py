@@ -93,6 +93,7 @@ class Engine:
         special: frozenset[int],
         precision: str = "fp32",
         auto_memory_mb: int = 2048,
+        auto_precision: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -101,6 +102,9 @@ class Engine:
         self.overlap = overlap
         self.special = special
         self.precision = precision
+        self.auto_precision = auto_precision or precision
+        if self.auto_precision not in PRECISIONS:
+            raise ValueError(f"auto_precision must be one of {PRECISIONS}, got {auto_precision!r}")
         self.auto_memory_mb = auto_memory_mb
         self._pos: dict[str, torch.Tensor] = {}  # positional encoding of a window, per weights version
 
@@ -131,7 +135,7 @@ class Engine:
             class_ids,
             self.patch,
             self.overlap,
-            bf16=self.precision == "bf16",
+            bf16=self.auto_precision == "bf16",
             budget_bytes=self.auto_memory_mb * 2**20,
             on_window=on_window,
         )
