@@ -88,12 +88,22 @@ def test_early_stop_keeps_the_best_state_and_stops_after_patience() -> None:
     assert early.summary()["checks"] == [[0, 0.4], [10, 0.5], [20, 0.6], [30, 0.55], [40, 0.58]]
 
 
-def test_a_round_that_never_beats_its_baseline_keeps_nothing() -> None:
+def test_a_round_that_never_beats_its_baseline_offers_its_best_check_to_the_gate() -> None:
+    """No veto: the best checked state is the candidate, marked not improved, and the gate decides."""
     network = build_network("small")
     early = EarlyStop(network, ScriptedScorer([0.5, 0.5, 0.49]), steps=20, every=10, patience=5)  # type: ignore[arg-type]
     early.baseline()
-    assert not early(10) and early(20) is False
-    assert not early.improved and early.best_scores == early.baseline_scores
+    param = next(network.parameters())
+    with torch.no_grad():
+        param.add_(1.0)
+    at_ten = param.detach().clone()
+    assert not early(10)
+    with torch.no_grad():
+        param.add_(1.0)
+    assert early(20) is False
+    assert not early.improved and early.best_step == 10 and early.summary()["improved"] is False
+    early.restore_best()
+    assert torch.equal(next(network.parameters()), at_ten)
 
 
 def test_monitored_labels_put_new_ones_first() -> None:

@@ -9,9 +9,11 @@ undo it: in the learning curve from earlier start weights, rounds 3 and 4 each f
   the served version has already learned from (``k`` = 5: the second round of five labels runs at
   0.71x, the fifth at 0.45x);
 * :class:`EarlyStop`: every ``every`` steps the candidate answers the simulated annotator on (some of)
-  its training labels, exactly as validation does; the best state is kept, and the round stops once
-  ``patience`` checks in a row did not beat it. A candidate that never beats the served model on its
-  own labels is not a candidate at all.
+  its training labels, exactly as validation does; the round stops once ``patience`` checks in a row
+  did not beat the best score so far (the served model's to begin with), and the best checked state
+  becomes the candidate. Whether it beat the served model on its own labels is recorded, but the
+  gate decides: in the first learning curve a veto on that score refused all four rounds, among them
+  one whose candidate was better on the held-out cases.
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ class EarlyStop:
         self.patience = patience
         self.min_gain = min_gain
         self.baseline_scores: dict[str, float] = {}
-        self.best_scores: dict[str, float] = {}
+        self.best_scores: dict[str, float] = {}  # of the best checked state
         self.best_step = 0
         self.history: list[tuple[int, float]] = []
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._mark = 0.0  # the score a check must beat to reset the patience
         self._misses = 0
 
     def _scores(self) -> dict[str, float]:
@@ -84,8 +87,9 @@ class EarlyStop:
 
     def baseline(self) -> float:
         """Score the network before training (the served model's state): the mark a step must beat."""
-        self.baseline_scores = self.best_scores = self._scores()
-        self.history = [(0, self._mean(self.baseline_scores))]
+        self.baseline_scores = self._scores()
+        self._mark = self._mean(self.baseline_scores)
+        self.history = [(0, self._mark)]
         logger.info("Early stop: %d training objects, baseline %.4f", len(self.baseline_scores), self.history[0][1])
         return self.history[0][1]
 
@@ -96,9 +100,11 @@ class EarlyStop:
         scores = self._scores()
         mean = self._mean(scores)
         self.history.append((step, mean))
-        if mean > self._mean(self.best_scores) + self.min_gain:
-            self.best_scores, self.best_step, self._misses = scores, step, 0
+        if self._best_state is None or mean > self._mean(self.best_scores):
+            self.best_scores, self.best_step = scores, step
             self._best_state = copy.deepcopy(self.network.state_dict())
+        if mean > self._mark + self.min_gain:
+            self._mark, self._misses = mean, 0
         else:
             self._misses += 1
         logger.info("Early stop: step %d training-label score %.4f (best %.4f at step %d)", step, mean,
@@ -107,10 +113,11 @@ class EarlyStop:
 
     @property
     def improved(self) -> bool:
-        return self._best_state is not None
+        """Whether the best checked state beat the served model on the training labels."""
+        return self._best_state is not None and self._mean(self.best_scores) > self.history[0][1] + self.min_gain
 
     def restore_best(self) -> None:
-        """Load the best state checked (a no-op when no check beat the baseline: see :attr:`improved`)."""
+        """Load the best state checked."""
         if self._best_state is not None:
             self.network.load_state_dict(self._best_state)
 
@@ -119,5 +126,6 @@ class EarlyStop:
             "best_step": self.best_step,
             "baseline": round(self.history[0][1], 4) if self.history else None,
             "best": round(self._mean(self.best_scores), 4),
+            "improved": self.improved,
             "checks": [[s, round(m, 4)] for s, m in self.history],
         }

@@ -112,13 +112,11 @@ class Trained:
     Attributes:
         stats: the loop's figures.
         new_labels: (served, candidate) per-object scores on the round's new training labels.
-        improved: False when the candidate never beat the served model on its training labels.
         early_stop: the early stop's checks, when one ran.
     """
 
     stats: TrainStats
     new_labels: tuple[dict[str, float], dict[str, float]]
-    improved: bool = True
     early_stop: dict[str, Any] | None = None
 
 
@@ -215,21 +213,18 @@ class FineTuneTask(TrainTask):
             "new_labels": len(new),
             "early_stop": trained.early_stop,
         }
-        if trained.improved:
-            served_val = self._served_validation(served, val_items, req)
-            candidate_val = self.score(candidate, val_items, req)
-            decision = decide(
-                (served_val.get("per_object", {}), candidate_val.get("per_object", {})),
-                trained.new_labels,
-                GateConfig(tolerance=req.tolerance),
-            )
-            promote, reason = decision.promote, decision.reason
-            round_info.update(
-                candidate_validation=_figures(candidate_val), served_validation=_figures(served_val),
-                gate=decision.as_dict(),
-            )  # fmt: skip
-        else:
-            promote, reason = False, "the candidate never beat the served model on its own training labels"
+        served_val = self._served_validation(served, val_items, req)
+        candidate_val = self.score(candidate, val_items, req)
+        decision = decide(
+            (served_val.get("per_object", {}), candidate_val.get("per_object", {})),
+            trained.new_labels,
+            GateConfig(tolerance=req.tolerance),
+        )
+        promote, reason = decision.promote, decision.reason
+        round_info.update(
+            candidate_validation=_figures(candidate_val), served_validation=_figures(served_val),
+            gate=decision.as_dict(),
+        )  # fmt: skip
         round_info.update(reason=reason, seconds=round(time.perf_counter() - begin, 1))
         round_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         seen = [f.stamp for f in labelled]
@@ -273,7 +268,7 @@ class PointTrainTask(FineTuneTask):
         stats = train_point(network, volumes, weights, req, self.labels.special, stop_when=early)
         early.restore_best()
         new_labels = (_on_images(early.baseline_scores, new), _on_images(early.best_scores, new))
-        return Trained(stats, new_labels, early.improved, early.summary())
+        return Trained(stats, new_labels, early.summary())
 
     def _train_distributed(
         self,
