@@ -205,8 +205,12 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for k in CLICKS:
         ax.plot(result["labels"], result[f"dice_{k}"], marker="o", label=f"{k} click{'s' * (k > 1)}")
+    rounds = result.get("rounds", [])
+    ax.scatter([r["labels"] for r in rounds], [r["candidate_heldout"]["score"] for r in rounds], marker="x",
+               color="grey", label="candidate (mean over 5 clicks)", zorder=3)  # fmt: skip
+    ax.set_xticks(result["labels"])
     ax.set_xlabel("corrected labels (sarcoma, final)")
-    ax.set_ylabel(f"holdout Dice ({result['holdout_cases']} cases)")
+    ax.set_ylabel(f"held-out Dice ({len(result['holdout_cases'])} cases)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
