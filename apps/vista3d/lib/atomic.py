@@ -5,12 +5,30 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["save_state", "write_json"]
+__all__ = ["replace_with", "save_state", "write_json"]
+
+
+def replace_with(dest: str | Path, write: Callable[[str], object], prefix: str | None = None) -> None:
+    """``write`` a temporary file beside ``dest`` (readable by all), then rename it over ``dest``.
+
+    ``prefix`` names the temporary file (default ``.<name>.``) so that no datastore pattern matches it.
+    """
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=prefix or f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_state(network: torch.nn.Module, path: str | Path, half: bool = True) -> Path:
@@ -21,15 +39,7 @@ def save_state(network: torch.nn.Module, path: str | Path, half: bool = True) ->
         k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in network.state_dict().items()
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(sd, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_with(path, lambda tmp: torch.save(sd, tmp))
     return path
 
 

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -26,6 +25,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
+from .atomic import replace_with
 from .imageio import check_volume_header, load_label
 
 __all__ = [
@@ -96,15 +96,7 @@ def _image_shape(path: str) -> tuple[int, ...] | None:
 
 def _copy_atomically(source: str, dest: str, prefix: str) -> None:
     """Copy ``source`` to a temporary file beside ``dest`` (not matching any datastore pattern), then rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=prefix, suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_with(dest, lambda tmp: shutil.copyfile(source, tmp), prefix)
 
 
 class SafeLocalDatastore(LocalDatastore):
