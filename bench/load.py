@@ -13,7 +13,8 @@ from ../shared/data), adds one annotator per simulated person, and runs two phas
 The load phase ends once the round has completed and every annotator has submitted ``--cases``
 labels (or after ``--max-minutes``). Then every submitted label is fetched back and compared byte
 for byte. One JSON line (stdout and ``<out>/load.json``): requests by kind, errors by status,
-click latency idle and under load, ``/info`` under load, labels submitted vs stored, the round,
+click latency idle and under load (also split by what else ran when the click was sent: nothing,
+the round, an auto, both), ``/info`` under load, labels submitted vs stored, the round,
 peak RSS of the server and of its subprocesses.
 
     .venv/bin/python bench/load.py                       # small preset, 4 annotators, ~5-10 min
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clicks", type=int, default=5, help="clicks per session")
     p.add_argument("--think-s", type=float, default=2.0, help="seconds between an annotator's clicks")
     p.add_argument("--auto-every-s", type=float, default=60.0)
-    p.add_argument("--idle-sessions", type=int, default=2, help="click sessions of the idle phase")
+    p.add_argument("--idle-sessions", type=int, default=4, help="click sessions of the idle phase")
     p.add_argument("--train-steps", type=int, default=40, help="steps of the learning loop's round")
     p.add_argument("--max-minutes", type=float, default=15.0)
     p.add_argument("--preset", default="small")
@@ -120,6 +121,7 @@ def run_load(url: str, people: list[Annotator], args: argparse.Namespace, rec: R
     while time.time() < deadline:
         status = round_status(url, people[0].token)
         round_seen["started"] = round_seen["started"] or status == "RUNNING"
+        rec.saw_round(status == "RUNNING")
         round_seen["status"] = status
         if round_seen["started"] and status in ("DONE", "ERROR") and min(done.values()) >= args.cases:
             break
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": rec.errors(),
         "click_idle_s": percentiles(rec.latencies("click", "idle")),
         "click_load_s": percentiles(rec.latencies("click", "load")),
+        "click_load_by_background_s": {k: percentiles(v) for k, v in rec.clicks_by_background("load").items()},
         "info_load_s": percentiles(rec.latencies("info", "load")),
         "auto_load_s": percentiles(rec.latencies("auto", "load")),
         "labels_submitted": submitted,

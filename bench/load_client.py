@@ -45,17 +45,18 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 class Recorder:
-    """Thread-safe record of every request (kind, phase, status, seconds), RSS samples and submitted labels."""
+    """Thread-safe record of every request (kind, phase, status, seconds, start), RSS samples and submitted labels."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rows: list[tuple[str, str, int, float]] = []
+        self._rows: list[tuple[str, str, int, float, float]] = []
         self._rss: dict[str, float] = {"server": 0.0, "children": 0.0}
+        self.round_running: tuple[float, float] | None = None  # when the client saw the round RUNNING, first to last
         self.submitted: dict[str, bytes] = {}
 
-    def add(self, kind: str, phase: str, status: int, seconds: float) -> None:
+    def add(self, kind: str, phase: str, status: int, seconds: float, start: float) -> None:
         with self._lock:
-            self._rows.append((kind, phase, status, seconds))
+            self._rows.append((kind, phase, status, seconds, start))
 
     def count(self, kind: str) -> int:
         with self._lock:
@@ -67,11 +68,31 @@ class Recorder:
 
     def errors(self) -> dict[str, int]:
         with self._lock:
-            return {str(s): n for s, n in Counter(s for _, _, s, _ in self._rows if s >= 400).items()}
+            return {str(s): n for s, n in Counter(r[2] for r in self._rows if r[2] >= 400).items()}
 
     def latencies(self, kind: str, phase: str) -> list[float]:
         with self._lock:
-            return [t for k, p, s, t in self._rows if k == kind and p == phase and s == 200]
+            return [t for k, p, s, t, _ in self._rows if k == kind and p == phase and s == 200]
+
+    def saw_round(self, running: bool) -> None:
+        """The round's status as polled now: the interval it was seen running grows."""
+        if running:
+            now = time.time()
+            with self._lock:
+                self.round_running = (self.round_running or (now, now))[0], now
+
+    def clicks_by_background(self, phase: str) -> dict[str, list[float]]:
+        """Click latencies of ``phase`` by what else ran when the click was sent: none, round, auto, both."""
+        with self._lock:
+            autos = [(b, b + t) for k, _, _, t, b in self._rows if k == "auto"]
+            rounds = [self.round_running] if self.round_running else []
+            clicks = [(t, b) for k, p, s, t, b in self._rows if k == "click" and p == phase and s == 200]
+        out: dict[str, list[float]] = {"none": [], "round": [], "auto": [], "both": []}
+        for seconds, begin in clicks:
+            auto = any(lo <= begin <= hi for lo, hi in autos)
+            training = any(lo <= begin <= hi for lo, hi in rounds)
+            out["both" if auto and training else "auto" if auto else "round" if training else "none"].append(seconds)
+        return out
 
     def rss(self, server: float, children: float) -> None:
         with self._lock:
@@ -159,7 +180,7 @@ class Annotator:
     def _timed(self, kind: str, phase: str, method: str, path: str, **kwargs: Any) -> requests.Response:
         begin = time.time()
         response = self.http.request(method, f"{self.url}{path}", timeout=900, **kwargs)
-        self.rec.add(kind, phase, response.status_code, time.time() - begin)
+        self.rec.add(kind, phase, response.status_code, time.time() - begin, begin)
         return response
 
     def session(self, case: str, clicks: int, think_s: float, phase: str) -> None:

@@ -1,14 +1,20 @@
-"""The scheduler on its own: one compute slot, clicks first, cancellation, 503 instead of a hang, thread shares."""
+"""The scheduler on its own: one compute slot, clicks first, cancellation, 503 not a hang; thread shares, priorities."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from lib.server.scheduler import Busy, ClientGone, Job, Kind, Scheduler
-from lib.server.threads import ThreadBudget
+from lib.server.threads import BACKGROUND_NICE, ThreadBudget, in_background_process
+
+from .conftest import APP_DIR, ROOT
 
 
 def auto_work(windows: int, log: list[str], name: str, scheduler: Scheduler, step_s: float = 0.05):
@@ -87,6 +93,27 @@ def test_a_queued_job_of_a_gone_client_is_dropped_and_a_running_auto_stops() -> 
     assert scheduler.status("alice", show_names=True)["running"] == []
 
 
+def test_a_job_that_has_computed_hands_the_slot_on_while_it_writes() -> None:
+    scheduler = Scheduler(max_jobs=8, max_wait_s=30)
+    writing = threading.Event()
+    written = threading.Event()
+
+    def compute_then_write(job: Job) -> str:
+        scheduler.computed(job)
+        writing.set()
+        written.wait(5)  # the answer file being written
+        return "first"
+
+    first_job, first = scheduler.submit(Kind.CLICK, "alice", "x", compute_then_write)
+    assert writing.wait(5)
+    assert scheduler.status("alice", show_names=False)["running"][0]["stage"] == "writing"
+    _, second = scheduler.submit(Kind.CLICK, "bob", "y", lambda job: "second")
+    assert second.result(timeout=5) == "second", "the next click computed while the first one wrote"
+    assert not first.done()
+    written.set()
+    assert first.result(timeout=5) == "first" and first_job.computed
+
+
 def test_full_queue_and_late_start_get_busy_with_a_retry_estimate() -> None:
     scheduler = Scheduler(max_jobs=2, max_wait_s=0.5)
     gate = threading.Event()
@@ -117,11 +144,47 @@ def test_status_shows_positions_and_hides_other_names() -> None:
     assert status["queued"][1]["position"] == 2 and status["queued"][1]["user"] == "bob"
 
 
-def test_serving_threads_leave_room_for_background_work() -> None:
+def test_autos_leave_room_for_background_work_and_clicks_take_every_core() -> None:
     running: list[str] = []
     budget = ThreadBudget(cores=4, background_threads=2, running=lambda: running)
-    assert budget.serving() == 4
+    assert budget.serving(Kind.AUTO) == 4 and budget.serving(Kind.CLICK) == 4
     running.append("train")
-    assert budget.serving() == 2 and budget.status()["background"] == {"train": 2}
+    assert budget.serving(Kind.AUTO) == 2 and budget.status()["background"] == {"train": 2}
+    assert budget.serving(Kind.CLICK) == 4, "a click runs on every core; the niced round waits for it"
     running.append("scoring")
-    assert budget.serving() == 1, "never fewer than one"
+    assert budget.serving(Kind.AUTO) == 1, "never fewer than one"
+
+
+def test_apply_sets_the_threads_of_the_job_that_got_the_slot() -> None:
+    running = ["train"]
+    budget = ThreadBudget(cores=2, background_threads=1, running=lambda: running)
+    before = torch.get_num_threads()
+    try:
+        budget.apply(Job(1, "ann", Kind.AUTO, "x"))
+        assert torch.get_num_threads() == 1
+        budget.apply(Job(2, "ann", Kind.CLICK, "x"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_background_process_lowers_its_own_priority_and_only_it() -> None:
+    """A MONAI Label subprocess (``-m monailabel.interfaces.utils.app``) runs at nice 19; this process is not one."""
+    assert not in_background_process()
+    code = (
+        "import os, sys; sys.path.insert(0, 'apps/vista3d');"
+        "from lib.server.threads import in_background_process, yield_to_serving;"
+        "assert in_background_process() is False; yield_to_serving(); print(os.nice(0))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == str(BACKGROUND_NICE)
+
+
+def test_monai_labels_background_process_of_this_app_runs_niced(tmp_path: Path) -> None:
+    """The real thing: MONAI Label's subprocess entry point (training rounds, scoring) builds the app niced."""
+    command = [sys.executable, "-m", "monailabel.interfaces.utils.app", "-a", str(APP_DIR), "-s", str(tmp_path)]
+    done = subprocess.run(
+        [*command, "-m", "scoring", "-r", '{"method": "dice"}'], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"runs at nice {BACKGROUND_NICE}: serving goes first" in done.stdout + done.stderr

@@ -34,6 +34,7 @@ from lib.loop import LearningLoop, pending_labels
 from lib.model import load_model, patch_size_for, resolve_device
 from lib.model_store import ModelReloader, ModelStore
 from lib.server.launch import EDGE_ENV, bind_host, is_loopback
+from lib.server.threads import in_background_process, yield_to_serving
 from lib.sessions import SessionStore
 from lib.settings import Settings, state_dir
 from lib.trainers.tasks import AutoTrainTask, PointTrainTask
@@ -49,9 +50,12 @@ class MyApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = Settings.from_conf(conf)
-        # Background processes (training rounds, scoring) build this app too: they take train_threads;
-        # the server process takes `threads` in on_init_complete (see lib/server/threads.py).
+        # Background processes (training rounds, scoring) build this app too: they take train_threads
+        # at the lowest priority; the server process takes `threads` in on_init_complete (see
+        # lib/server/threads.py).
         torch.set_num_threads(self.settings.train_threads)
+        if in_background_process():
+            yield_to_serving()
         self.model_dir = Path(app_dir) / "model"
         self.dictionary = load_label_dictionary()
         device = resolve_device(self.settings.device)

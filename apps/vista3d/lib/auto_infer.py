@@ -25,6 +25,7 @@ of the classes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -40,7 +41,8 @@ __all__ = ["OnWindow", "auto_segment", "class_embeddings"]
 logger = logging.getLogger(__name__)
 
 OnWindow = Callable[[int, int], None]
-"""Called as ``on_window(i, n)`` before window pass ``i`` of ``n``; it may block, or raise to cancel."""
+"""Called as ``on_window(i, n)`` before window pass ``i`` of ``n`` and again between the pass's stages
+(so several times with the same ``i``); it may block, or raise to cancel."""
 
 _FINALISE_VALUES = 1 << 24  # logits computed at once when turning stitched features into labels
 
@@ -116,11 +118,12 @@ def _segment_block(
     device = stitcher.buffer.device
     for r, s0 in enumerate(rows):
         for start in (w for w in windows if w[0] == s0):
-            if on_window is not None:
-                on_window(done, total)
+            between = None if on_window is None else functools.partial(on_window, done, total)
+            if between is not None:
+                between()
             sl = tuple(slice(s, s + q) for s, q in zip(start, p, strict=True))
             window = image[(slice(None), *sl)].unsqueeze(0).to(device)
-            stitcher.add(window_features(network, window, bf16), start)
+            stitcher.add(window_features(network, window, bf16, between), start)
             done += 1
         planes = (rows[r + 1] if r + 1 < len(rows) else s0 + p[0]) - s0
         out[s0 : s0 + planes, block.lo[0] : block.hi[0], block.lo[1] : block.hi[1]] = stitcher.labels(planes)
@@ -151,8 +154,8 @@ def auto_segment(
         overlap: fraction of a window shared with the next (the bundle's 0.3), as MONAI's.
         bf16: run the stages of :func:`.auto_forward.bf16_stages` under bfloat16 autocast.
         budget_bytes: the stitching buffer's size limit (see :func:`.auto_plan.plan_blocks`).
-        on_window: called before every window pass; an exception it raises propagates, and no
-            state of the request outlives this call.
+        on_window: called before every window pass and between its stages (:data:`OnWindow`); an
+            exception it raises propagates, and no state of the request outlives this call.
     """
     device = next(network.parameters()).device
     emb = class_embeddings(cast(ClassMappingClassify, network.class_head), class_ids, device)

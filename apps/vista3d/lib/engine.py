@@ -127,7 +127,7 @@ class Engine:
         """[1, h, w, d] preprocessed image -> [h, w, d] int16 global ids (0 where no class is positive).
 
         MONAI's sliding-window answer (see :mod:`.auto_infer`); ``on_window(i, n)`` is called before
-        window pass ``i`` of ``n`` and may block, or raise to cancel the request.
+        window pass ``i`` of ``n`` and between its stages, and may block, or raise to cancel the request.
         """
         return auto_segment(
             self.network,

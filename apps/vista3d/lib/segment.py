@@ -38,8 +38,9 @@ def segment_auto(
 ) -> np.ndarray:
     """Class-prompted segmentation of the whole image -> [H, W, D] int16 ids on the original grid.
 
-    ``on_window(i, n)`` is called before each window pass (see :meth:`.Engine.auto`): the server's
-    scheduler runs waiting clicks there, or stops a request whose client has gone.
+    ``on_window(i, n)`` is called before each window pass and between its stages (see
+    :meth:`.Engine.auto`): the server's scheduler runs waiting clicks there, or stops a request
+    whose client has gone.
     """
     ids = engine.auto(state.image, prompt.class_ids, on_window=on_window)
     out = resample_nearest(ids[None], state.model_affine, state.original_affine, state.original_shape)[0]

@@ -30,6 +30,7 @@ from ..zero_shot import ZeroShotRegistry
 __all__ = [
     "IMAGE_ID_KEY",
     "LABEL_FILE_KEY",
+    "ON_COMPUTED_KEY",
     "ON_WINDOW_KEY",
     "USER_KEY",
     "SavedLabel",
@@ -45,6 +46,7 @@ USER_KEY = "user"  # whose session the request edits (a signed-in user, Slicer's
 LABEL_FILE_KEY = "label_file"  # a label uploaded with the request (a temporary file the edge removes)
 IMAGE_ID_KEY = "image_id"  # the image's datastore id (MONAI Label replaces "image" with its path)
 ON_WINDOW_KEY = "on_window"  # the scheduler's callback between window passes of an automatic segmentation
+ON_COMPUTED_KEY = "on_computed"  # called once the result is computed, before it is written (the slot is handed on)
 
 SavedLabel = Callable[[str, str], str | None]
 """(image id, user) -> the path of the user's latest saved label of the image, or None."""
@@ -144,6 +146,9 @@ class Vista3DInfer(InferTask):
                     state.result = result = edit.label
             latency_infer = time.time() - start
             self.store.enforce_budget()
+            on_computed = request.get(ON_COMPUTED_KEY)
+            if on_computed is not None:
+                on_computed()
 
             start = time.time()
             out_file, out_json = self._write(

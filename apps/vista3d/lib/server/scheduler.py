@@ -4,8 +4,10 @@ MONAI Label ran every inference on the event loop: while one automatic segmentat
 and every click waited for it. Here each request is a :class:`Job` run in a worker thread, and a
 job computes only while it holds the one compute slot (the device, and the cores it is given).
 Waiting jobs are ordered clicks before automatic segmentations, then by arrival. A running
-automatic segmentation calls :meth:`Scheduler.checkpoint` before each window pass: it hands the
-slot to waiting clicks and takes it back after them, and stops there if its client has gone.
+automatic segmentation calls :meth:`Scheduler.checkpoint` before each window pass and between
+its stages: it hands the slot to waiting clicks and takes it back after them, and stops there if
+its client has gone. A job hands the slot on as soon as its result is computed
+(:meth:`Scheduler.computed`): writing the answer file does not hold up the next job.
 
 A job that cannot start within ``max_wait_s``, or one more than ``max_jobs`` queued or running,
 gets :class:`Busy` (HTTP 503 with ``Retry-After``, estimated from the recent durations of the jobs
@@ -61,6 +63,7 @@ class Job:
     image: str
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
+    computed: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -69,9 +72,9 @@ class Job:
 
 
 class Scheduler:
-    """One compute slot; see the module docstring. ``on_start`` runs in the job's thread each time it gets the slot."""
+    """One compute slot (see the module docstring); ``on_start(job)`` runs in the job's thread when it gets the slot."""
 
-    def __init__(self, max_jobs: int, max_wait_s: float, on_start: Callable[[], Any] | None = None) -> None:
+    def __init__(self, max_jobs: int, max_wait_s: float, on_start: Callable[[Job], Any] | None = None) -> None:
         self.max_jobs = max_jobs
         self.max_wait_s = max_wait_s
         self._on_start = on_start
@@ -110,6 +113,11 @@ class Scheduler:
             self._release(job)
         self._acquire(job, deadline=math.inf)
 
+    def computed(self, job: Job) -> None:
+        """``job`` has computed its result and only writes it now: the next job may compute meanwhile."""
+        job.computed = True
+        self._release(job)
+
     def _run(self, job: Job, work: Callable[[Job], T]) -> T:
         try:
             self._acquire(job, deadline=job.submitted + self.max_wait_s)
@@ -144,7 +152,7 @@ class Scheduler:
                 self._cond.notify_all()  # the head of the queue may have changed
             self._holder = job
         if self._on_start is not None:
-            self._on_start()
+            self._on_start(job)
 
     def _release(self, job: Job) -> None:
         with self._cond:
@@ -169,6 +177,11 @@ class Scheduler:
         )
         return max(1, math.ceil(total))
 
+    def _stage(self, job: Job) -> str:
+        if job.computed:
+            return "writing"
+        return "computing" if job is self._holder else "paused"
+
     def status(self, viewer: str | None, show_names: bool) -> dict[str, Any]:
         """The queue as a client may see it: every job's kind and position, ``mine`` for the viewer's own.
 
@@ -188,7 +201,7 @@ class Scheduler:
             return {
                 "length": len(queued),
                 "running": [
-                    {**describe(j), "seconds": round(now - (j.started or now), 1), "paused": j is not self._holder}
+                    {**describe(j), "seconds": round(now - (j.started or now), 1), "stage": self._stage(j)}
                     for j in running
                 ],
                 "queued": [
