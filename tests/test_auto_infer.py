@@ -20,7 +20,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 
-from lib.auto_forward import stages, window_features
+from lib.auto_forward import OneDNNConvolutions, stages, window_features
 from lib.auto_infer import auto_segment
 from lib.auto_plan import axis_starts, plan_blocks
 from lib.engine import Engine
@@ -123,9 +123,24 @@ def test_staged_forward_in_float32_is_the_network_s(model: LoadedModel, small_cr
     assert torch.allclose(window_features(model.network, window, frozenset()), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 16, 16, 16), (1, 1, 24, 24, 24)])
+def test_onednn_convolutions_give_pytorchs_answer_and_leave_training_alone(shape: tuple[int, ...]) -> None:
+    conv = torch.nn.Conv3d(shape[1], 8, 3, padding=1)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = conv(x)
+        with OneDNNConvolutions(), torch.profiler.profile() as prof:
+            got = conv(x)
+    assert "aten::mkldnn_convolution" in {e.key for e in prof.key_averages()}
+    assert torch.allclose(got, expected, atol=1e-5)
+    with OneDNNConvolutions():
+        conv(x.requires_grad_()).sum().backward()  # falls through to F.conv3d: gradients as usual
+    assert x.grad is not None and conv.weight.grad is not None
+
+
 def test_fp32_is_the_reference(model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray) -> None:
     app = engine(model, "fp32").auto(crop, ORGANS).numpy()
-    # Same windows, same float32 network; only the order of float sums differs.
+    # Same windows, same float32 network; only the order of float sums (and oneDNN's kernels) differs.
     assert (app == organs_reference).mean() >= 0.99999
 
 
