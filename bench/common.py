@@ -1,18 +1,28 @@
-"""What the benchmarks share: case parsing, agreement, peak memory, the app's library on the path."""
+"""What the benchmarks share: case parsing, agreement, peak memory, the real server, the app's library on the path."""
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
-sys.path.insert(0, str(ROOT / "apps" / "vista3d"))
+APP_DIR = ROOT / "apps" / "vista3d"
+sys.path.insert(0, str(APP_DIR))
+
+from lib.server.launch import server_command  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -58,3 +68,45 @@ def multiclass_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(
+    studies: Path, conf: Mapping[str, str], log: Path, limit_s: float = 300.0
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real server on a loopback port, started as `make serve` starts it (behind the serving edge,
+    which gives inference its threads; the plain `monailabel start_server` leaves the process at
+    ``train_threads``); yields its URL and process once it answers, stops it on exit."""
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), "127.0.0.1", port, conf)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(APP_DIR))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + limit_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer within {limit_s:.0f} s; log: {log}")
+            try:
+                if requests.get(f"{url}/auth/", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

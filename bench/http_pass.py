@@ -6,48 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 import torch
-from common import ROOT, Case
-
-from lib.server.launch import server_command
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(studies: Path, weights: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    app_dir = ROOT / "apps" / "vista3d"
-    conf = {"preset": args.preset, "weights": str(weights), "threads": str(args.threads), "precision": args.precision}
-    # As `make serve` starts it: behind the serving edge, which gives inference its threads. The plain
-    # `monailabel start_server` leaves the process at train_threads (1 on 2 cores).
-    cmd = server_command(bin_dir / "monailabel", app_dir, str(studies), "127.0.0.1", port, conf)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(app_dir))
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/info/", timeout=5).ok:
-                _wait_for_scoring(url)
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    raise RuntimeError("server did not start")
+from common import Case, serve
 
 
 def _wait_for_scoring(url: str, limit_s: float = 300.0) -> None:
@@ -74,8 +39,14 @@ def http_clicks(
         image_id = case.image.name.split(".")[0]
         weights = Path(tmp) / "weights.pt"
         torch.save(network.state_dict(), weights)
-        proc, url = _start(studies, weights, args, Path(tmp) / "server.log")
-        try:
+        conf = {
+            "preset": args.preset,
+            "weights": str(weights),
+            "threads": str(args.threads),
+            "precision": args.precision,
+        }
+        with serve(studies, conf, Path(tmp) / "server.log") as (url, _):
+            _wait_for_scoring(url)
             times = []
             for k in range(1, len(points) + 1):
                 params = {
@@ -95,6 +66,3 @@ def http_clicks(
                 response.raise_for_status()
                 times.append(round(time.perf_counter() - start, 3))
             return {"http_s": times}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)

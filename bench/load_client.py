@@ -5,10 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,9 +18,8 @@ import nibabel as nib
 import numpy as np
 import psutil
 import requests
-from common import DATA, ROOT
+from common import DATA, ROOT, serve
 
-from lib.server.launch import server_command
 from lib.server.users import Role, UserStore
 from lib.simulate import deepest_voxel, next_click
 
@@ -119,12 +115,6 @@ def sample_rss(pid: int, stop: threading.Event, rec: Recorder) -> None:
             continue
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def start_server(
     studies: Path, conf: Mapping[str, str], users: Mapping[str, Any], password: str, log: Path
@@ -133,30 +123,8 @@ def start_server(
     store = UserStore(studies / ".vista3d" / "users.json")
     for name in users:
         store.add(name, Role.ANNOTATOR, password)
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), "127.0.0.1", port, conf)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(APP_DIR))
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/auth/", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+    with serve(studies, conf, log) as (url, proc):
         yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray) -> bytes:
