@@ -5,8 +5,10 @@ Accuracy is not asserted here (that is a benchmark figure); structure and geomet
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,33 @@ def test_label_save_and_fetch_round_trip(server: Server, tmp_path: Path) -> None
     assert np.array_equal(data, label)
     np.testing.assert_allclose(fetched_affine, affine, atol=1e-5)
     assert not list((server.studies / "labels" / "final").glob(".saving-*")), "no temporary file is left behind"
+
+
+def test_dataset_download_streams_the_labelled_images_and_writes_no_temporary_file(
+    server: Server, tmp_path: Path
+) -> None:
+    image, affine = load_nifti(STS / "STS_006_ct.nii.gz")
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[tuple(slice(c - 3, c + 3) for c in sts_click("STS_006"))] = 133
+    path = tmp_path / "final.nii.gz"
+    path.write_bytes(nifti_bytes(label, affine))
+    MONAILabelClient(server.url, tmpdir=str(tmp_path)).save_label("STS_006_ct", str(path), tag="final")
+    assert server.tmp is not None
+    before = set(server.tmp.iterdir())
+
+    response = requests.get(f"{server.url}/datastore/dataset", timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        names = archive.namelist()
+        assert "image/STS_006_ct.nii.gz" in names and "label/STS_006_ct.nii.gz" in names
+        assert archive.read("label/STS_006_ct.nii.gz") == path.read_bytes(), "the stored label, byte for byte"
+        assert "STS_006_ct" in json.loads(archive.read("metadata.json"))["objects"]
+    one = requests.get(f"{server.url}/datastore/dataset", params={"limit_cases": 1}, timeout=300)
+    with zipfile.ZipFile(io.BytesIO(one.content)) as archive:
+        assert len([n for n in archive.namelist() if n.startswith("image/")]) == 1
+    assert requests.get(f"{server.url}/datastore/dataset", params={"limit_cases": 0}, timeout=30).status_code == 422
+    assert set(server.tmp.iterdir()) <= before, "MONAI Label's route left a copy of the dataset in the temp folder"
 
 
 @pytest.mark.parametrize("tag", ["final"])

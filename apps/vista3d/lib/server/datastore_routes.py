@@ -1,22 +1,27 @@
-"""The datastore's write routes: form fields checked at the edge, uploads removed whatever happens, work off the loop.
+"""The datastore's write routes and the dataset download: inputs checked at the edge, nothing left behind.
 
 They replace MONAI Label's ``PUT /datastore/image``, ``PUT /datastore/label`` and the two info
 updates, which answered malformed JSON with 500, left the temporary upload of a rejected request
 behind and read and copied files on the event loop. Ids, tags and file types are checked by
-:class:`~lib.datastore.SafeLocalDatastore` (and the edge, for any datastore).
+:class:`~lib.datastore.SafeLocalDatastore` (and the edge, for any datastore). ``GET
+/datastore/dataset`` streams the archive as it is written (:mod:`lib.dataset_zip`) instead of
+leaving a copy of the dataset in the system's temporary folder. File work runs off the event loop.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 
+from ..dataset_zip import dataset_zip
 from ..datastore import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_plain_name, file_extension
 from .auth import Identity
 from .forms import json_object, upload_to_temp
@@ -82,5 +87,19 @@ def datastore_router() -> APIRouter:
     async def update_label_info(label: str, tag: str, info: Annotated[str, Form()] = "{}") -> Any:
         values = json_object(info, "info")
         return await run_in_threadpool(app_instance().datastore().update_label_info, label, tag, values)
+
+    @router.get("/dataset", summary="The images with a final label and their labels, as a ZIP archive (streamed)")
+    async def dataset(limit_cases: Annotated[int | None, Query(ge=1)] = None) -> StreamingResponse:
+        datastore = app_instance().datastore()
+        pairs = await run_in_threadpool(datastore.datalist)
+        if not pairs:
+            raise HTTPException(status_code=404, detail="no image has a final label yet: the dataset is empty")
+        metadata = json.dumps(datastore.json(), default=str)
+        logger.info("Streaming the dataset: %d of %d labelled images", len(pairs[:limit_cases]), len(pairs))
+        return StreamingResponse(
+            dataset_zip(pairs[:limit_cases], metadata),
+            media_type="application/zip",
+            headers={"Content-Disposition": 'attachment; filename="dataset.zip"'},
+        )
 
     return router
