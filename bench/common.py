@@ -70,7 +70,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -78,27 +79,38 @@ def _free_port() -> int:
 
 @contextmanager
 def serve(
-    studies: Path, conf: Mapping[str, str], log: Path, limit_s: float = 300.0
+    studies: Path | str,
+    conf: Mapping[str, str],
+    log: Path,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
+    limit_s: float = 300.0,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """The real server on a loopback port, started as `make serve` starts it (behind the serving edge,
-    which gives inference its threads; the plain `monailabel start_server` leaves the process at
-    ``train_threads``); yields its URL and process once it answers, stops it on exit."""
-    port = _free_port()
+    """The real server, started as `make serve` starts it (behind the serving edge, which gives
+    inference its threads; the plain `monailabel start_server` leaves the process at
+    ``train_threads``), on a free port of ``host``; yields its loopback URL and process once
+    ``/auth/`` answers (public: it does once the app is up), and stops it on exit. ``env`` adds
+    to the server's environment (a TMPDIR of its own, for example). Used by the benchmarks and
+    the tests."""
+    port = free_port()
     bin_dir = Path(sys.executable).parent
-    cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), "127.0.0.1", port, conf)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(APP_DIR))
+    cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), host, port, conf)
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    full_env = {**os.environ, "PATH": path, "PYTHONPATH": str(APP_DIR), **(env or {})}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + limit_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer within {limit_s:.0f} s; log: {log}")
+                raise RuntimeError(f"server did not answer /auth/ within {limit_s:.0f} s:\n{log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{url}/auth/", timeout=5).ok:
+                if requests.get(f"{url}/auth/", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass

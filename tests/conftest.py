@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +27,8 @@ LINKED_IMAGE = "linked"
 
 sys.path.insert(0, str(APP_DIR))
 
+from bench.common import serve  # noqa: E402  (the launcher the benchmarks use too)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if not DATA.is_dir():
@@ -40,26 +39,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def _seed() -> None:
     np.random.seed(0)
     torch.manual_seed(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_info(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/auth/", timeout=5).status_code == 200:  # public: answers once the app is up
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server did not answer /auth/ within {timeout}s:\n{log.read_text()[-4000:]}")
 
 
 class Server:
@@ -115,30 +94,10 @@ def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def running_server(
     studies: str, log: Path, weights: Path, conf: dict[str, str] | None = None, host: str = "127.0.0.1", **env: str
 ) -> Iterator[Server]:
-    """``monailabel start_server`` with this app behind its serving edge on a free loopback port; stopped on exit."""
-    from lib.server.launch import server_command
-
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    full_env = dict(os.environ, PATH=path, PYTHONPATH=str(APP_DIR), **env)
-    conf = {"weights": str(weights), **(conf or {})}
-    cmd = server_command(bin_dir / "monailabel", APP_DIR, studies, host, port, conf)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_info(url, proc, log)
+    """``monailabel start_server`` with this app behind its serving edge on a free port; stopped on exit."""
+    with serve(studies, {"weights": str(weights), **(conf or {})}, log, host=host, env=env, limit_s=180) as (url, proc):
         tmp = Path(env["TMPDIR"]) if "TMPDIR" in env else None
         yield Server(url, Path(studies), log, proc.pid, tmp)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,11 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from bench.common import free_port
 from lib.server.launch import server_command
 from lib.server.users import Role, UserStore
 
-from .conftest import ALLOWED_ORIGIN, APP_DIR, PASSWORD, ROOT, Server, _free_port, running_server
+from .conftest import ALLOWED_ORIGIN, APP_DIR, PASSWORD, ROOT, Server, running_server
 from .helpers import infer_json
 
 CLICK = {"points": [[60, 60, 10]], "point_labels": [1], "label_prompt": [3]}
@@ -143,7 +144,7 @@ def test_only_admins_see_server_paths(auth_server: Server, tokens: dict[str, str
 def start(studies: Path, host: str, conf: dict[str, str], log: Path) -> subprocess.CompletedProcess[str]:
     """Runs ``monailabel start_server`` behind the edge until it exits (or 90 s)."""
     bin_dir = Path(sys.executable).parent
-    cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), host, _free_port(), conf)
+    cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), host, free_port(), conf)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(APP_DIR))
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
 

@@ -17,12 +17,13 @@ import SimpleITK as sitk
 from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.datastore.utils.convert import dicom_to_nifti
 
+from bench.common import free_port
 from lib.dicomseg import SegError, read_seg, segment_names, write_seg
 from lib.dicomweb import Vista3DDICOMWebDatastore
 from lib.labels import load_label_dictionary
 from lib.zero_shot import ZeroShotRegistry
 
-from .conftest import DATA, _free_port
+from .conftest import DATA
 from .orthanc import running_orthanc
 
 STS_SERIES = DATA / "sts_dicom" / "STS_001" / "image"
@@ -93,7 +94,7 @@ def test_empty_label_and_foreign_grid_are_refused(sts_nifti: str, tmp_path: Path
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_orthanc(tmp_path_factory.mktemp("orthanc"), _free_port()) as url:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as url:
         yield url
 
 
