@@ -87,8 +87,9 @@ class Settings:
             since the last training (0 turns the automatic loop off; ``/train`` still works).
         train_debounce_s: seconds to wait after the triggering save, so a burst of submits makes
             one training rather than several.
-        train_threads: torch threads of a training round; defaults to half the cores, so that
-            clicks stay responsive while a round runs.
+        train_threads: torch threads of a training round (and of scoring); defaults to half the
+            cores. Rounds run at the lowest CPU priority, so clicks take every core meanwhile and
+            automatic segmentations the rest (``lib.server.threads``).
         train_steps: optimiser steps of one fine-tuning round (a ``/train`` request may override).
         promote_tolerance: a candidate replaces the served model unless the gate finds it worse than the
             served model by more than this (see ``lib.trainers.gate``).
