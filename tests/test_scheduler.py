@@ -93,6 +93,17 @@ def test_a_queued_job_of_a_gone_client_is_dropped_and_a_running_auto_stops() -> 
     assert scheduler.status("alice", show_names=True)["running"] == []
 
 
+def test_an_auto_over_the_run_limit_stops_at_its_next_checkpoint_and_the_slot_is_free() -> None:
+    scheduler = Scheduler(max_jobs=8, max_wait_s=30, max_run_s=0.2)
+    log: list[str] = []
+    _, auto = scheduler.submit(Kind.AUTO, "alice", "x", auto_work(100, log, "auto", scheduler))
+    with pytest.raises(Busy, match="ran longer than the server's limit of 0 s"):
+        auto.result(timeout=5)
+    assert 2 <= len(log) < 10, log
+    _, click = scheduler.submit(Kind.CLICK, "bob", "y", click_work(log, "click"))
+    assert click.result(timeout=5) == "click"
+
+
 def test_a_job_that_has_computed_hands_the_slot_on_while_it_writes() -> None:
     scheduler = Scheduler(max_jobs=8, max_wait_s=30)
     writing = threading.Event()

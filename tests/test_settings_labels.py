@@ -29,6 +29,8 @@ def test_vista3d_preset_defaults_to_official_weights() -> None:
         ({"preset": "big"}, "preset must be one of"),
         ({"threads": "two"}, "must be an integer"),
         ({"precision": "fp16"}, "precision must be one of"),
+        ({"run_limit_s": "0"}, "run_limit_s must be at least 1.0"),
+        ({"queue_wait_s": "soon"}, "queue_wait_s must be a number"),
     ],
 )
 def test_bad_conf(conf: dict[str, str], message: str) -> None:

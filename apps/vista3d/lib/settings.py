@@ -111,6 +111,8 @@ class Settings:
         queue_max: inference requests queued or running at once; one more gets HTTP 503.
         queue_wait_s: a request that has not started after this many seconds gets HTTP 503 (with
             ``Retry-After``) instead of waiting on.
+        run_limit_s: an automatic segmentation still running after this many seconds stops at its
+            next network stage with HTTP 503, so that no request holds the compute slot without end.
     """
 
     preset: str = "small"
@@ -138,6 +140,7 @@ class Settings:
     session_idle_s: float = 3600.0
     queue_max: int = 16
     queue_wait_s: float = 300.0
+    run_limit_s: float = 1800.0
 
     @classmethod
     def from_conf(cls, conf: dict[str, Any]) -> Settings:
@@ -175,7 +178,7 @@ class Settings:
                 values[key] = _parse_positive_int(key, value)
             elif key == "token_hours":
                 values[key] = _parse_number(key, value, float, minimum=0.01)
-            elif key in ("session_idle_s", "queue_wait_s"):
+            elif key in ("session_idle_s", "queue_wait_s", "run_limit_s"):
                 values[key] = _parse_number(key, value, float, minimum=1.0)
             elif key in ("train_trigger", "train_patience"):
                 values[key] = _parse_number(key, value, int, minimum=0)

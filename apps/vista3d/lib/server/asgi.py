@@ -87,7 +87,9 @@ class Edge:
         issuer = TokenIssuer.from_key_file(users.parent / "auth_key", settings.token_hours * 3600)
         self.auth = Authenticator(UserStore(users), issuer, settings.auth, self.network)
         self.threads = ThreadBudget(settings.threads, settings.train_threads)
-        self.scheduler = Scheduler(settings.queue_max, settings.queue_wait_s, on_start=self.threads.apply)
+        self.scheduler = Scheduler(
+            settings.queue_max, settings.queue_wait_s, on_start=self.threads.apply, max_run_s=settings.run_limit_s
+        )
         self.warning = ""
         if self.network and settings.auth == "auto" and len(self.auth.store) == 0:
             raise SystemExit(

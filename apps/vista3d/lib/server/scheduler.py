@@ -11,7 +11,8 @@ its client has gone. A job hands the slot on as soon as its result is computed
 
 A job that cannot start within ``max_wait_s``, or one more than ``max_jobs`` queued or running,
 gets :class:`Busy` (HTTP 503 with ``Retry-After``, estimated from the recent durations of the jobs
-ahead) rather than a hang.
+ahead) rather than a hang; so does a job still running ``max_run_s`` after it started, at its next
+checkpoint (clicks have none: one click is a window or two).
 """
 
 from __future__ import annotations
@@ -74,9 +75,16 @@ class Job:
 class Scheduler:
     """One compute slot (see the module docstring); ``on_start(job)`` runs in the job's thread when it gets the slot."""
 
-    def __init__(self, max_jobs: int, max_wait_s: float, on_start: Callable[[Job], Any] | None = None) -> None:
+    def __init__(
+        self,
+        max_jobs: int,
+        max_wait_s: float,
+        on_start: Callable[[Job], Any] | None = None,
+        max_run_s: float = math.inf,
+    ) -> None:
         self.max_jobs = max_jobs
         self.max_wait_s = max_wait_s
+        self.max_run_s = max_run_s
         self._on_start = on_start
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -102,9 +110,15 @@ class Scheduler:
             self._cond.notify_all()
 
     def checkpoint(self, job: Job) -> None:
-        """Between two window passes of ``job``: stop if cancelled; let waiting clicks run first."""
+        """Between two stages of ``job``: stop if cancelled or over ``max_run_s``; let waiting clicks run first."""
         if job.cancelled.is_set():
             raise ClientGone(f"job {job.id}: the client has gone")
+        if job.started is not None and time.monotonic() - job.started > self.max_run_s:
+            raise Busy(
+                f"the {job.kind.name.lower()} ran longer than the server's limit of {self.max_run_s:.0f} s "
+                "(run_limit_s) and was stopped; ask for fewer classes, or try again when the server is quieter",
+                max(1, math.ceil(self._seconds[Kind.AUTO])),
+            )
         with self._cond:
             ahead = sum(w.kind < job.kind for w in self._waiting)
             if not ahead:
