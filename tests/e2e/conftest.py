@@ -16,7 +16,9 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from ..conftest import PASSWORD, ROOT, Server, _free_port, running_server
+from bench.common import free_port
+
+from ..conftest import PASSWORD, ROOT, Server, running_server
 from ..orthanc import running_orthanc
 
 ARTIFACTS = ROOT / "artifacts" / "e2e"
@@ -45,7 +47,7 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_orthanc(tmp_path_factory.mktemp("orthanc"), _free_port()) as url:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as url:
         yield url
 
 
