@@ -9,9 +9,9 @@ as one is ready: the round yields while clicks run, and takes every cycle they l
 What a job that holds the scheduler's compute slot gets, while background work runs:
 
 * a click: all of ``threads``. It runs for a fraction of a second; the background process
-  waits for it on the same cores (measured on 2 cores with a 1-thread round running: a click's
-  window pass 0.34 s with 2 threads against a nice-19 round, 0.53 s with 1 thread as before,
-  0.80 s with 2 threads against a round at normal priority; 0.28 s with nothing running).
+  waits for it on the same cores (``bench/threads_probe.py``, 2 cores, beside a 1-thread round: a
+  window pass 0.30 s with 2 threads against a nice-19 round, 0.49 s with 1 thread as before,
+  0.82 s with 2 threads against a round at normal priority; 0.25 s with nothing beside it).
 * an automatic segmentation: ``threads`` minus the background's share. It runs for minutes, and
   a round should not stall behind every one; the cores still add up to ``threads``.
 
