@@ -18,12 +18,11 @@ import nibabel as nib
 import numpy as np
 import psutil
 import requests
-from common import DATA, ROOT, serve
+from common import DATA, serve
 
 from lib.server.users import Role, UserStore
 from lib.simulate import deepest_voxel, next_click
 
-APP_DIR = ROOT / "apps" / "vista3d"
 STS = DATA / "sts"
 SARCOMA_ID = 133
 

@@ -94,10 +94,11 @@ def datastore_router() -> APIRouter:
         pairs = await run_in_threadpool(datastore.datalist)
         if not pairs:
             raise HTTPException(status_code=404, detail="no image has a final label yet: the dataset is empty")
+        chosen = pairs[:limit_cases]
         metadata = json.dumps(datastore.json(), default=str)
-        logger.info("Streaming the dataset: %d of %d labelled images", len(pairs[:limit_cases]), len(pairs))
+        logger.info("Streaming the dataset: %d of %d labelled images", len(chosen), len(pairs))
         return StreamingResponse(
-            dataset_zip(pairs[:limit_cases], metadata),
+            dataset_zip(chosen, metadata),
             media_type="application/zip",
             headers={"Content-Disposition": 'attachment; filename="dataset.zip"'},
         )

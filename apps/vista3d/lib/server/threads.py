@@ -79,9 +79,11 @@ class ThreadBudget:
 
     def serving(self, kind: Kind = Kind.AUTO) -> int:
         """Threads for a job of ``kind`` now."""
-        if kind == Kind.CLICK:
-            return self.cores
-        return max(1, self.cores - self.background_threads * len(self._running()))
+        return self.cores if kind == Kind.CLICK else self._auto_threads(len(self._running()))
+
+    def _auto_threads(self, background: int) -> int:
+        """An automatic segmentation's threads while ``background`` subprocesses run (at least one)."""
+        return max(1, self.cores - self.background_threads * background)
 
     def apply(self, job: Job) -> None:
         """Set this process's torch threads for ``job`` (called each time a job gets the compute slot)."""
@@ -94,7 +96,7 @@ class ThreadBudget:
         running = self._running()
         return {
             "cores": self.cores,
-            "serving": {"click": self.cores, "auto": max(1, self.cores - self.background_threads * len(running))},
+            "serving": {"click": self.cores, "auto": self._auto_threads(len(running))},
             "background": {m: self.background_threads for m in running},
             "background_nice": BACKGROUND_NICE,
         }
