@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import DATA, ROOT
 
 from lib.atomic import write_json
 from lib.labels import load_label_dictionary
 from lib.model import build_network
+from lib.trainers.auto_cached import ORGAN_CLASSES, organ_crops, organ_loss
 from lib.trainers.corpus import abdomen_volume
 
 logger = logging.getLogger("auto_standin")
 HEAD_PATH = ROOT / "bench" / "weights" / "vista3d_standin_class_head.pt"
-CLASSES = (1, 3, 4, 5, 6, 7, 10, 12, 14)
 SEED = 0
 
 
@@ -44,29 +43,6 @@ def standin_network(head_path: Path = HEAD_PATH) -> torch.nn.Module:
     network = build_network("vista3d").eval()
     network.class_head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
     return network
-
-
-def crops(image: torch.Tensor, label: torch.Tensor, n: int, size: int, rng: np.random.Generator) -> list[tuple]:
-    """``n`` crops whose centre voxel is foreground of a random asked class (so every crop holds organs)."""
-    out = []
-    lab = label[0].numpy()
-    for _ in range(n):
-        c = int(rng.choice(CLASSES))
-        where = np.argwhere(lab == c)
-        centre = where[rng.integers(len(where))] if len(where) else np.asarray(lab.shape) // 2
-        start = [int(np.clip(x - size // 2, 0, s - size)) for x, s in zip(centre, lab.shape, strict=True)]
-        sl = tuple(slice(s, s + size) for s in start)
-        out.append((image[(slice(None), *sl)].unsqueeze(0), label[(slice(None), *sl)]))
-    return out
-
-
-def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """[K, 1, p, p, p] logits against [1, p, p, p] ids: BCE plus soft Dice per class."""
-    target = torch.stack([(label == c).float() for c in CLASSES])
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum(dim=(1, 2, 3, 4))
-    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3, 4)) + target.sum(dim=(1, 2, 3, 4)) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
 
 
 def main() -> None:
@@ -86,18 +62,18 @@ def main() -> None:
     volume = abdomen_volume(DATA, load_label_dictionary())
     data = []
     with torch.no_grad():  # not inference mode: the features are inputs of the head's training graph
-        for x, y in crops(volume.image, volume.label, args.crops, args.crop, np.random.default_rng(SEED)):
+        for x, y in organ_crops(volume.image, volume.label, args.crops, args.crop, np.random.default_rng(SEED)):
             _, out_auto = network.image_encoder(x, with_point=False, with_label=True)
             data.append((out_auto.clone(), y))
     logger.info("Encoded %d crops in %.0f s", len(data), time.perf_counter() - start)
     head = network.class_head.train()
     optimiser = torch.optim.Adam(head.parameters(), lr=args.lr)
-    vector = torch.tensor(CLASSES).unsqueeze(1)
+    vector = torch.tensor(ORGAN_CLASSES).unsqueeze(1)
     losses = []
     for step in range(args.steps):
         features, label = data[step % len(data)]
         logits, _ = head(features, vector)
-        loss = loss_fn(logits, label)
+        loss = organ_loss(logits, label)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -111,7 +87,7 @@ def main() -> None:
     report = {
         "what": "seed-0 random vista3d132 with its class head trained on the abdominal scan's organs",
         "command": "bench/auto_standin.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        "classes": list(CLASSES),
+        "classes": list(ORGAN_CLASSES),
         "loss_first10": round(float(np.mean(losses[:10])), 4),
         "loss_last10": round(float(np.mean(losses[-10:])), 4),
         "seconds": round(time.perf_counter() - start, 1),

@@ -20,14 +20,13 @@ from tqdm import tqdm
 
 from ..labels import load_label_dictionary
 from ..model import build_network, load_state, patch_size_for
-from .auto_trainer import AutoTrainer
 from .corpus import SARCOMA_STARTER, abdomen_volume, case_names, sarcoma_volume
 from .data import CachedVolume, VolumeSampler
 from .point_trainer import PointTrainConfig, PointTrainer
 from .schedule import Checkpoint, TrainStats, run_steps, seed_everything
 from .supervoxel_objects import SupervoxelSampling
 
-__all__ = ["MODES", "RecipeConfig", "recipe_volumes", "train_auto_recipe", "train_point_recipe"]
+__all__ = ["MODES", "RecipeConfig", "recipe_volumes", "train_point_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +103,3 @@ def train_point_recipe(
         trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s, checkpoint=checkpoint
     )
     return network.cpu(), stats
-
-
-def train_auto_recipe(network: VISTA3D, config: RecipeConfig, steps: int, lr: float = 1e-3) -> TrainStats:
-    """The automatic branch on the abdominal scan's organ labels (encoder and point branch frozen)."""
-    labels = load_label_dictionary()
-    seed_everything(config.seed)
-    trainer = AutoTrainer(network, lr=lr, ce_weight=0.1)
-    sampler = VolumeSampler([abdomen_volume(config.data, labels)], (config.crop,) * 3, config.seed)
-    return run_steps(trainer, sampler, steps, max(1, steps // 10), desc="train[auto]")
