@@ -21,7 +21,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 
 from lib.auto_forward import OneDNNConvolutions, stages, window_features
-from lib.auto_infer import auto_segment
+from lib.auto_infer import auto_segment, window_workers
 from lib.auto_plan import axis_starts, plan_blocks
 from lib.engine import Engine
 from lib.labels import load_label_dictionary
@@ -120,7 +120,8 @@ def test_staged_forward_in_float32_is_the_network_s(model: LoadedModel, small_cr
     _, out_auto = model.network.image_encoder(window, with_point=False, with_label=True)
     expected = model.network.class_head.image_post_mapping(out_auto)[0]
     assert stages(model.network)[0] == "init" and stages(model.network)[-1] == "head"
-    assert torch.allclose(window_features(model.network, window, frozenset()), expected, atol=1e-5)
+    scale = float(expected.abs().max())  # oneDNN's float32 sums differ from PyTorch's in the last bits
+    assert torch.allclose(window_features(model.network, window, frozenset()), expected, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 16, 16, 16), (1, 1, 24, 24, 24)])
@@ -144,20 +145,35 @@ def test_fp32_is_the_reference(model: LoadedModel, crop: torch.Tensor, organs_re
     assert (app == organs_reference).mean() >= 0.99999
 
 
-def test_bf16_stays_close_but_small_serves_fp32(
+def test_bf16_agrees_with_the_reference_per_class(
     model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray
 ) -> None:
-    """With the shipped starter, bf16 misses 0.99 on a weak organ (spleen 0.983 measured), so ``small``
-    serves its automatic path in float32, which gives the reference's answer (test above)."""
+    """The served default (``auto_precision bf16``): every organ of the crop at Dice >= 0.99 against
+    the float32 reference, with the starter whose automatic branch was trained on cached crops
+    (its predecessor, whose organ logits sat near zero, left the spleen at 0.983 on the whole scan)."""
     app = engine(model, "bf16").auto(crop, ORGANS).numpy()
     dice = per_class_dice(organs_reference, app)
-    assert any(n >= MIN_CLASS_VOXELS for _, n in dice.values())  # the crop holds organs the starter finds
-    for c, (d, n) in dice.items():
-        if n >= MIN_CLASS_VOXELS:
-            assert d >= 0.97, f"class {c} ({n} voxels): Dice {d:.4f} against the float32 reference"
-    assert (app == organs_reference).mean() >= 0.998  # 0.9987 measured
-    assert Settings.from_conf({}).auto_precision == "fp32"
+    present = {c: d for c, (d, n) in dice.items() if n >= MIN_CLASS_VOXELS}
+    assert len(present) >= 3, dice  # the crop holds organs the starter finds
+    assert min(present.values()) >= 0.99, present
+    assert (app == organs_reference).mean() >= 0.998
+    assert Settings.from_conf({}).auto_precision == "bf16"
     assert Settings.from_conf({"preset": "vista3d"}).auto_precision == "bf16"
+
+
+def test_window_workers_for_small_windows_only() -> None:
+    assert window_workers((64, 64, 64), 2) == 2
+    assert window_workers((64, 64, 64), 16) == 4
+    assert window_workers((64, 64, 64), 1) == 1
+    assert window_workers((128, 128, 128), 16) == 1
+
+
+def test_parallel_windows_give_the_sequential_answer(model: LoadedModel, small_crop: torch.Tensor) -> None:
+    classes = [1, 3, 5, 6, 14]
+    kwargs = {"bf16": True, "budget_bytes": 2**30}
+    one = auto_segment(model.network, small_crop, classes, PATCH, LABELS.sw_overlap, workers=1, **kwargs)
+    two = auto_segment(model.network, small_crop, classes, PATCH, LABELS.sw_overlap, workers=2, **kwargs)
+    assert torch.equal(one, two)  # windows are added in MONAI's order whichever worker computed them
 
 
 def test_more_classes_than_features_stitch_features(model: LoadedModel, small_crop: torch.Tensor) -> None:

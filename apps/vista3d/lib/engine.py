@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
-from .auto_infer import OnWindow, auto_segment
+from .auto_infer import OnWindow, auto_segment, window_workers
 from .model import LoadedModel
 from .point_head import HeadFeatures, predict, prepare
 from .sessions import ImageState
@@ -138,6 +138,7 @@ class Engine:
             bf16=self.auto_precision == "bf16",
             budget_bytes=self.auto_memory_mb * 2**20,
             on_window=on_window,
+            workers=window_workers(self.patch, torch.get_num_threads()),
         )
 
     def _windows_for(self, state: ImageState, points: np.ndarray) -> list[tuple[int, int, int]]:
