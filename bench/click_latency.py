@@ -248,7 +248,7 @@ def auto_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine)
         "mode": "auto",
         "preset": args.preset,
         "weights": model.version,
-        "precision": args.precision,
+        "precision": engine.auto_precision,
         "threads": torch.get_num_threads(),
         "auto_memory_mb": engine.auto_memory_mb,
         "image": Path(args.auto_image).name,
@@ -307,6 +307,7 @@ def main() -> None:
     parser.add_argument("--auto-classes", default="1,3,4,5,6,7,10,12,14", help="ids, or 'everything'")
     parser.add_argument("--auto-app-only", action="store_true", help="skip the reference (peak RSS of the app alone)")
     parser.add_argument("--auto-memory-mb", type=int, default=Settings().auto_memory_mb)
+    parser.add_argument("--auto-precision", choices=PRECISIONS, help="default: the server's for the preset")
     args = parser.parse_args()
     if args.quality:
         args.cases, args.no_http = QUALITY_CASES, True
@@ -315,8 +316,15 @@ def main() -> None:
     weights = args.weights or ("starter" if args.preset == "small" else "none")
     args.weights = weights
     model = load_model(args.preset, weights, Path("/nonexistent"), torch.device("cpu"))
+    served = Settings.from_conf({"preset": args.preset})
     engine = Engine(
-        model, patch_size_for(args.preset), LABELS.sw_overlap, LABELS.special, args.precision, args.auto_memory_mb
+        model,
+        patch_size_for(args.preset),
+        LABELS.sw_overlap,
+        LABELS.special,
+        args.precision,
+        args.auto_memory_mb,
+        auto_precision=args.auto_precision or served.auto_precision,
     )
     result = auto_benchmark(args, model, engine) if args.auto else click_benchmark(args, model, engine)
     print(json.dumps(result))
