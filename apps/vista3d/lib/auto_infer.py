@@ -168,11 +168,12 @@ def _segment_block(
     stitcher: _Stitcher,
     out: torch.Tensor,
     bf16: frozenset[str],
-    progress: tuple[int, int, _Gate],
+    done: int,
+    gate: _Gate,
     workers: int,
 ) -> int:
-    """Stitch one block row by row into ``out``; returns the number of window passes made so far."""
-    done, _, gate = progress
+    """Stitch one block row by row into ``out``; returns the number of window passes made so far
+    (``done`` before it)."""
     block, p = stitcher.block, plan.patch
     rows = plan.starts[0]
     device = stitcher.buffer.device
@@ -256,7 +257,7 @@ def auto_segment(
     gate = _Gate(on_window, plan.window_passes, threads)
     for block in plan.blocks:
         stitcher = _Stitcher(emb, ids, patch[0], block)
-        done = _segment_block(network, image, plan, stitcher, out, reduced, (done, plan.window_passes, gate), workers)
+        done = _segment_block(network, image, plan, stitcher, out, reduced, done, gate, workers)
     return out
 
 
