@@ -100,7 +100,8 @@ def train_auto_branch(network: VISTA3D, args: argparse.Namespace) -> dict:
     """The automatic branch on cached crops of the abdominal scan, centred on an organ (but ``--auto-anywhere``)."""
     volume = abdomen_volume(args.data, load_label_dictionary())
     rng = np.random.default_rng(args.seed)
-    crops = organ_crops(volume.image, volume.label, args.auto_crops, network_patch(), rng, anywhere=args.auto_anywhere)
+    size = patch_size_for("small")[0]
+    crops = organ_crops(volume.image, volume.label, args.auto_crops, size, rng, anywhere=args.auto_anywhere)
     stats = train_auto_cached(network.to("cpu"), crops, args.auto_steps, args.auto_lr, seed=args.seed)
     return {
         "steps": stats.steps, "crops": len(crops), "anywhere": args.auto_anywhere, "lr": args.auto_lr,
@@ -108,10 +109,6 @@ def train_auto_branch(network: VISTA3D, args: argparse.Namespace) -> dict:
         "loss_first": round(stats.loss_first, 4), "loss_last": round(stats.loss_last, 4),
         "how": "cached encoder outputs, encoder and point branch frozen (lib/trainers/auto_cached.py)",
     }  # fmt: skip
-
-
-def network_patch() -> int:
-    return patch_size_for("small")[0]
 
 
 def reused_point_branch(weights: Path) -> tuple[dict, dict]:

@@ -27,7 +27,18 @@ from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FLOAT32_STAGES", "OneDNNConvolutions", "bf16_stages", "stages", "window_features"]
+__all__ = [
+    "FLOAT32_STAGES",
+    "OneDNNConvolutions",
+    "StageRunner",
+    "bf16_stages",
+    "decode_auto",
+    "stages",
+    "window_features",
+]
+
+StageRunner = Callable[[str, torch.nn.Module, torch.Tensor], torch.Tensor]
+"""``run(stage, module, x)``: runs one module of the automatic branch as its stage asks."""
 
 # With ``precision=bf16``, the stages kept in float32: the encoder's full-resolution level, which
 # reads the image itself. On the trained vista3d stand-in (bench/auto_standin.py) every stage in
@@ -83,7 +94,19 @@ def window_features(
         x = run(f"down{i}", level["blocks"], x)
         skips.append(x)
         x = run(f"down{i}", level["downsample"], x)
-    skips.reverse()
+    out = decode_auto(encoder, skips, run)
+    head = cast(ClassMappingClassify, network.class_head)
+    return run("head", head.image_post_mapping, out).float()[0]
+
+
+def decode_auto(encoder: SegResNetDS2, levels: list[torch.Tensor], run: StageRunner | None = None) -> torch.Tensor:
+    """``SegResNetDS2.forward``'s automatic decoder on the encoder's levels (finest first).
+
+    ``run(stage, module, x)`` runs each of its modules (``up0`` .. stages, the skip additions
+    included); by default plainly, as training on cached levels (:mod:`.trainers.auto_cached`) does.
+    """
+    run = run or _plain
+    skips = list(reversed(levels))
     x = skips.pop(0)
     out = x
     for i, level in enumerate(cast(torch.nn.ModuleList, encoder.up_layers_auto)):
@@ -94,8 +117,11 @@ def window_features(
         x = run(stage, level["blocks"], x)
         if len(encoder.up_layers_auto) - i <= encoder.dsdepth:
             out = run(stage, level["head"], x)
-    head = cast(ClassMappingClassify, network.class_head)
-    return run("head", head.image_post_mapping, out).float()[0]
+    return out
+
+
+def _plain(stage: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return cast(torch.Tensor, module(x))
 
 
 class _Add(torch.nn.Module):

@@ -184,7 +184,7 @@ def _segment_block(
         between()
         sl = tuple(slice(s, s + q) for s, q in zip(start, p, strict=True))
         window = image[(slice(None), *sl)].unsqueeze(0).to(device)
-        with torch.inference_mode():
+        with torch.inference_mode():  # grad mode is per thread: a window worker sets its own
             return window_features(network, window, bf16, between)
 
     def finish(r: int) -> None:

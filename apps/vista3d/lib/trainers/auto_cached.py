@@ -2,9 +2,10 @@
 
 The automatic branch (``up_layers_auto`` and the class head) reads only the encoder's levels, so
 with the encoder frozen those levels can be computed once per crop and every step runs the decoder
-alone: a third of a full step on a CPU. Crops are centred on an organ voxel half of the time and
-anywhere in the scan otherwise, so the branch also sees the background it must call empty
-(organ-centred crops alone left it painting "liver" over a third of the scan).
+alone: a third of a full step on a CPU. Crops are centred on a voxel of a random organ; a share of
+them (``anywhere``) may be centred anywhere in the scan instead, but half that way taught the
+``small`` starter's branch to predict nothing (a soft Dice loss scores an empty crop as perfect), so
+the starter was trained on organ-centred crops alone.
 
 The loss is per-class binary cross-entropy plus soft Dice over the organs asked for; a class not
 in the crop is taught to be empty there, which is right for the abdominal scan, whose organs are
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D
 from tqdm import tqdm
+
+from ..auto_forward import decode_auto
 
 __all__ = ["ORGAN_CLASSES", "AutoCachedStats", "organ_crops", "organ_loss", "train_auto_cached"]
 
@@ -86,19 +89,6 @@ def _encoder(network: VISTA3D) -> SegResNetDS2:
     return cast(SegResNetDS2, network.image_encoder)
 
 
-def _decode(encoder: SegResNetDS2, levels: list[torch.Tensor]) -> torch.Tensor:
-    """``SegResNetDS2.forward``'s automatic decoder on the encoder's levels (finest first)."""
-    skips = list(reversed(levels))
-    x = skips.pop(0)
-    out = x
-    for i, level in enumerate(cast(torch.nn.ModuleList, encoder.up_layers_auto)):
-        level = cast(torch.nn.ModuleDict, level)
-        x = level["blocks"](level["upsample"](x) + skips[i])
-        if len(encoder.up_layers_auto) - i <= encoder.dsdepth:
-            out = level["head"](x)
-    return out
-
-
 def train_auto_cached(
     network: VISTA3D,
     crops: list[Crop],
@@ -129,7 +119,7 @@ def train_auto_cached(
     bar = tqdm(range(steps), desc="train[auto, cached]", unit="step")
     for _ in bar:
         levels, label = cached[int(rng.integers(len(cached)))]
-        logits, _ = network.class_head(_decode(encoder, levels), vector)
+        logits, _ = network.class_head(decode_auto(encoder, levels), vector)
         loss = organ_loss(logits, label, classes)
         optimiser.zero_grad()
         loss.backward()
