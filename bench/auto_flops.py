@@ -1,6 +1,6 @@
 """Convolution work of one automatic-path window per stage, and what it bounds.
 
-With the stages of ``lib.auto_forward.FLOAT32_STAGES`` in float32 and the rest in bfloat16, a
+With the stages of ``lib.inference.auto_forward.FLOAT32_STAGES`` in float32 and the rest in bfloat16, a
 window can be at most ``1 / (f + (1 - f) / r)`` times faster than in float32, where ``f`` is the
 float32 stages' share of the convolution work and ``r`` how much faster the CPU convolves in
 bfloat16. AVX512-BF16 (this machine: AMD EPYC, no AMX) does 32 bfloat16 products per instruction
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from common import ROOT  # noqa: F401  (puts the app on sys.path)
 
-from lib.auto_forward import FLOAT32_STAGES, stages, window_features
+from lib.inference.auto_forward import FLOAT32_STAGES, stages, window_features
 from lib.model import build_network, patch_size_for
 
 COUNT_EDGE = 32

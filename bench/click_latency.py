@@ -5,7 +5,7 @@ then one at the centre of the largest error region of the current result) throug
 
 * the reference: ``monai.apps.vista3d.inferer.point_based_window_inferer``, one window centred on
   the newest click with the previous logits as ``prev_mask``, as the published bundle serves clicks;
-* the app's interactive path, in process (``lib.segment.segment_points``);
+* the app's interactive path, in process (``lib.inference.segment.segment_points``);
 * once, the app through the real MONAI Label server over HTTP (server overhead).
 
 Both sides use the same network object and weights, get the image already preprocessed, and return
@@ -37,12 +37,12 @@ from monai.apps.vista3d.inferer import point_based_window_inferer
 from monai.apps.vista3d.transforms import VistaPostTransformd
 from monai.inferers import SlidingWindowInferer
 
-from lib.engine import Engine
-from lib.geometry import map_points, resample_nearest
+from lib.inference.engine import Engine
+from lib.inference.geometry import map_points, resample_nearest
+from lib.inference.segment import new_state, segment_points
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, load_model, patch_size_for
 from lib.prompts import PointPrompt
-from lib.segment import new_state, segment_points
 from lib.sessions import ImageState
 from lib.settings import PRECISIONS, Settings
 from lib.simulate import deepest_voxel, dice, next_click

@@ -38,7 +38,7 @@ import torch
 from common import DATA, ROOT
 from monai.networks.nets.vista3d import VISTA3D
 
-from lib.datastore import SafeLocalDatastore
+from lib.data.datastore import SafeLocalDatastore
 from lib.labels import LabelDictionary, load_label_dictionary
 from lib.model import STARTER_WEIGHTS, LoadedModel, load_model
 from lib.model_store import ModelReloader, ModelStore

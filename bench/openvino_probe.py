@@ -1,7 +1,7 @@
 """One automatic-path window on OpenVINO against the app's PyTorch path: the figures behind the
 README's decision not to use it.
 
-Each module that ``lib.auto_forward.window_features`` runs separately (so that the server can let
+Each module that ``lib.inference.auto_forward.window_features`` runs separately (so that the server can let
 clicks in between) is converted and compiled on its own, in the precision the app gives its stage
 (``--mode split``: the full-resolution level float32, the rest bfloat16), then one window is timed
 through PyTorch (float32 and split) and through OpenVINO, with the largest difference relative to
@@ -22,7 +22,7 @@ import torch
 from auto_standin import standin_network
 from common import ROOT
 
-from lib.auto_forward import FLOAT32_STAGES, bf16_stages, window_features
+from lib.inference.auto_forward import FLOAT32_STAGES, bf16_stages, window_features
 from lib.model import load_model, patch_size_for
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 from common import APP_DIR  # noqa: F401  (puts the app's lib on the path)
 
-from lib.auto_forward import window_features
+from lib.inference.auto_forward import window_features
 from lib.model import build_network
 
 WINDOW = (1, 1, 64, 64, 64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lib.auto_forward import decode_auto
+from lib.inference.auto_forward import decode_auto
 from lib.labels import load_label_dictionary
 from lib.model import build_network
 from lib.trainers.auto_cached import ORGAN_CLASSES, organ_crops, train_auto_cached

@@ -20,13 +20,13 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 
-from lib.auto_forward import OneDNNConvolutions, stages, window_features
-from lib.auto_infer import auto_segment, window_workers
-from lib.auto_plan import axis_starts, plan_blocks
-from lib.engine import Engine
+from lib.inference.auto_forward import OneDNNConvolutions, stages, window_features
+from lib.inference.auto_infer import auto_segment, window_workers
+from lib.inference.auto_plan import axis_starts, plan_blocks
+from lib.inference.engine import Engine
+from lib.inference.segment import new_state
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, load_model, patch_size_for
-from lib.segment import new_state
 from lib.settings import Settings
 
 from .conftest import DATA

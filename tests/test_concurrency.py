@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.engine import Engine
+from lib.inference.engine import Engine
 from lib.infers.vista3d import Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.model import load_model

@@ -6,7 +6,7 @@ import io
 import zipfile
 from pathlib import Path
 
-from lib.dataset_zip import CHUNK, dataset_zip
+from lib.data.dataset_zip import CHUNK, dataset_zip
 
 
 def test_the_archive_holds_each_pair_and_the_metadata_and_comes_in_bounded_pieces(tmp_path: Path) -> None:

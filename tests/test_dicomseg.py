@@ -18,8 +18,8 @@ from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.datastore.utils.convert import dicom_to_nifti
 
 from bench.common import free_port
-from lib.dicomseg import SegError, read_seg, segment_names, write_seg
-from lib.dicomweb import Vista3DDICOMWebDatastore
+from lib.data.dicomseg import SegError, read_seg, segment_names, write_seg
+from lib.data.dicomweb import Vista3DDICOMWebDatastore
 from lib.labels import load_label_dictionary
 from lib.zero_shot import ZeroShotRegistry
 

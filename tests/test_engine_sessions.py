@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.engine import Engine, pad_to_patch, window_start
+from lib.inference.engine import Engine, pad_to_patch, window_start
+from lib.inference.segment import new_state
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, build_network
-from lib.segment import new_state
 from lib.sessions import ImageState, SessionStore
 
 from .conftest import STS

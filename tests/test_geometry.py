@@ -14,9 +14,9 @@ import torch
 from monai.data import MetaTensor
 from scipy.spatial.transform import Rotation
 
-from lib.geometry import box_in_target, map_points, resample_nearest, shifted_affine
+from lib.inference.geometry import box_in_target, map_points, resample_nearest, shifted_affine
+from lib.inference.preprocess import preprocess
 from lib.labels import load_label_dictionary
-from lib.preprocess import preprocess
 
 SHAPE = (64, 56, 24)
 MARKER = (40, 20, 15)

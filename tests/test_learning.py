@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.datastore import SafeLocalDatastore
+from lib.data.datastore import SafeLocalDatastore
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
 from lib.model import STARTER_WEIGHTS, build_network, load_model

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.engine import Engine, can_reuse
+from lib.inference.engine import Engine, can_reuse
+from lib.inference.point_head import predict, prepare
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, build_network
-from lib.point_head import predict, prepare
 from lib.sessions import ImageState
 
 
@@ -59,7 +59,7 @@ def test_nearby_clicks_share_a_window_far_clicks_do_not() -> None:
 
 def test_bf16_masks_agree_with_fp32_on_real_ct() -> None:
     """bfloat16 autocast changes logits by ~1e-2; only voxels with near-zero logits flip sign."""
-    from lib.segment import new_state
+    from lib.inference.segment import new_state
 
     from .conftest import STS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.refine import apply_clicks
+from lib.inference.refine import apply_clicks
 
 ALL = np.ones((8, 8, 8), dtype=bool)
 

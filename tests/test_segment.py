@@ -8,11 +8,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from lib.engine import Engine
+from lib.inference.engine import Engine
+from lib.inference.segment import new_click_mask, new_state, segment_points
 from lib.labels import load_label_dictionary
 from lib.model import load_model, patch_size_for
 from lib.prompts import PointPrompt
-from lib.segment import new_click_mask, new_state, segment_points
 from lib.simulate import deepest_voxel
 
 from .conftest import STS

@@ -17,7 +17,7 @@ import requests
 from monailabel.client import MONAILabelClient
 from scipy import ndimage
 
-from lib.refine import POSITIVE_MARGIN
+from lib.inference.refine import POSITIVE_MARGIN
 
 from .conftest import ABDOMEN_SM, STS, Server
 from .helpers import deepest_voxel, infer_json, load_nifti, nifti_bytes, ohif_infer, read_nrrd

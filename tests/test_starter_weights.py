@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.engine import Engine
+from lib.inference.engine import Engine
 from lib.labels import load_label_dictionary
 from lib.model import STARTER_WEIGHTS, load_model, patch_size_for
 from lib.simulate import clicks_to_dice, model_grid_state

@@ -30,10 +30,10 @@ from lib.activelearning.uncertainty import (
     image_uncertainty,
     whole_volume_window,
 )
-from lib.imageio import load_image
+from lib.data.imageio import load_image
+from lib.inference.preprocess import preprocess
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, build_network, patch_size_for
-from lib.preprocess import preprocess
 
 from .conftest import ABDOMEN_SEG_SM, ABDOMEN_SM, STS
 

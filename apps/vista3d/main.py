@@ -24,10 +24,10 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.dice import MultiClassDice
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
-from lib.datastore import SafeLocalDatastore, UnknownImageError, check_plain_name, latest_label
-from lib.dicomweb import open_dicomweb_datastore
-from lib.engine import Engine
-from lib.imageio import warm_up_writer
+from lib.data.datastore import SafeLocalDatastore, UnknownImageError, check_plain_name, latest_label
+from lib.data.dicomweb import open_dicomweb_datastore
+from lib.data.imageio import warm_up_writer
+from lib.inference.engine import Engine
 from lib.infers.vista3d import IMAGE_ID_KEY, UnknownModelError, Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
@@ -89,7 +89,7 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            # DICOM-SEG written in Python (lib.dicomseg): no dcmqi download, segments named from the dictionary.
+            # DICOM-SEG written in Python (lib.data.dicomseg): no dcmqi download, segments named from the dictionary.
             return open_dicomweb_datastore(self.studies, self.dictionary.classes, self.registry)
         return SafeLocalDatastore(
             self.studies,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .point_head import HeadFeatures
+from .inference.point_head import HeadFeatures
 
 __all__ = ["FeatureCache", "ImageState", "SessionStore", "state_key"]
 

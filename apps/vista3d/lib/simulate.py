@@ -3,7 +3,7 @@
 The promotion gate, the learning-curve and zero-shot benchmarks all score a model the same way: a
 first positive click at the object's deepest voxel, then a click at the centre of the largest
 error region (positive for missed foreground, negative for a false positive), each answered by
-:func:`lib.segment.segment_points` exactly as a click from OHIF or Slicer is.
+:func:`lib.inference.segment.segment_points` exactly as a click from OHIF or Slicer is.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 from monai.networks.nets.vista3d import VISTA3D
 from scipy import ndimage
 
-from .engine import Engine, pad_to_patch
+from .inference.engine import Engine, pad_to_patch
+from .inference.segment import segment_points
 from .labels import LabelDictionary
 from .model import LoadedModel, patch_size_for
 from .prompts import PointPrompt
-from .segment import segment_points
 from .sessions import ImageState
 
 __all__ = [

@@ -29,10 +29,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from ..imageio import ImageError, load_image
+from ..data.imageio import ImageError, load_image
+from ..inference.preprocess import preprocess
 from ..labels import LabelDictionary, load_label_dictionary
 from ..model import LoadedModel, patch_size_for
-from ..preprocess import preprocess
 from ..settings import PRECISIONS
 
 __all__ = [
@@ -130,7 +130,7 @@ def image_uncertainty(
 
     Args:
         network: VISTA3D (only the encoder and class head run).
-        image: [1, h, w, d] preprocessed image (:func:`lib.preprocess.preprocess`).
+        image: [1, h, w, d] preprocessed image (:func:`lib.inference.preprocess.preprocess`).
         class_ids: global class ids to score.
         patch: the model window the whole volume is fitted into.
         stride: score every ``stride``-th voxel of each axis (2: an eighth of the voxels).

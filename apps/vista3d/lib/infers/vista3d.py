@@ -18,12 +18,12 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.transform.writer import Writer
 
-from ..engine import Engine
-from ..imageio import load_label, to_tensor
+from ..data.imageio import load_label, to_tensor
+from ..inference.engine import Engine
+from ..inference.segment import ClickEdit, new_state, segment_auto, segment_points
 from ..labels import LabelDictionary
 from ..model_store import ModelReloader
 from ..prompts import DEFAULT_MAX_POINTS, AutoPrompt, OutputOptions, PointPrompt, parse_output, parse_prompt
-from ..segment import ClickEdit, new_state, segment_auto, segment_points
 from ..sessions import ImageState, SessionStore, state_key
 from ..zero_shot import ZeroShotRegistry
 
@@ -111,7 +111,7 @@ class Vista3DInfer(InferTask):
         """Validate everything (prompt, output options, image, points, uploaded label), then segment.
 
         Raises the core's errors unchanged (the serving edge maps them to status codes):
-        :class:`~lib.prompts.PromptError` (bad prompt, point outside the image), :class:`~lib.imageio.ImageError`
+        :class:`~lib.prompts.PromptError` (bad prompt, point outside the image), :class:`~lib.data.imageio.ImageError`
         (unreadable image or label), the zero-shot registry's limits for new names, and whatever
         the request's ``on_window`` callback raises to cancel an automatic segmentation.
         """

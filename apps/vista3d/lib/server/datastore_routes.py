@@ -3,8 +3,8 @@
 They replace MONAI Label's ``PUT /datastore/image``, ``PUT /datastore/label`` and the two info
 updates, which answered malformed JSON with 500, left the temporary upload of a rejected request
 behind and read and copied files on the event loop. Ids, tags and file types are checked by
-:class:`~lib.datastore.SafeLocalDatastore` (and the edge, for any datastore). ``GET
-/datastore/dataset`` streams the archive as it is written (:mod:`lib.dataset_zip`) instead of
+:class:`~lib.data.datastore.SafeLocalDatastore` (and the edge, for any datastore). ``GET
+/datastore/dataset`` streams the archive as it is written (:mod:`lib.data.dataset_zip`) instead of
 leaving a copy of the dataset in the system's temporary folder. File work runs off the event loop.
 """
 
@@ -21,8 +21,8 @@ from fastapi.responses import StreamingResponse
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 
-from ..dataset_zip import dataset_zip
-from ..datastore import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_plain_name, file_extension
+from ..data.dataset_zip import dataset_zip
+from ..data.datastore import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_plain_name, file_extension
 from .auth import Identity
 from .forms import json_object, upload_to_temp
 from .infer_route import session_owner

@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
-from ..datastore import DatastoreError, UnknownImageError
-from ..imageio import ImageError
+from ..data.datastore import DatastoreError, UnknownImageError
+from ..data.imageio import ImageError
 from ..infers.vista3d import UnknownModelError
 from ..prompts import PromptError
 from ..zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import HTTPException, UploadFile
 
-from ..datastore import file_extension
+from ..data.datastore import file_extension
 
 __all__ = ["json_object", "upload_to_temp"]
 

@@ -22,7 +22,7 @@ from fastapi import APIRouter, BackgroundTasks, File, Form, HTTPException, Reque
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.utils.app import app_instance
 
-from ..datastore import LABEL_EXTENSIONS, check_plain_name
+from ..data.datastore import LABEL_EXTENSIONS, check_plain_name
 from ..infers.vista3d import IMAGE_ID_KEY, LABEL_FILE_KEY, ON_COMPUTED_KEY, ON_WINDOW_KEY, USER_KEY
 from ..prompts import is_interactive
 from .auth import Identity

@@ -30,7 +30,7 @@ from monai.networks.nets import SegResNetDS2
 from monai.networks.nets.vista3d import VISTA3D
 from tqdm import tqdm
 
-from ..auto_forward import decode_auto
+from ..inference.auto_forward import decode_auto
 
 __all__ = ["ORGAN_CLASSES", "AutoCachedStats", "organ_crops", "organ_loss", "train_auto_cached"]
 

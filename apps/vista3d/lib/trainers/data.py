@@ -1,7 +1,7 @@
 """Training data: the inference preprocessing as dictionary transforms, label-id mapping to VISTA3D's
 global ids, an in-memory cache of preprocessed volumes, and random object-centred crops.
 
-The image ops are :func:`lib.preprocess.preprocess_transforms`, the server's own, so a network trained
+The image ops are :func:`lib.inference.preprocess.preprocess_transforms`, the server's own, so a network trained
 here sees what the server feeds it; labels and supervoxels follow with nearest-neighbour resampling.
 """
 
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from ..engine import pad_to_patch
+from ..inference.engine import pad_to_patch
+from ..inference.preprocess import preprocess_transforms
 from ..labels import ZERO_SHOT_FIRST, LabelDictionary, Preprocessing
-from ..preprocess import preprocess_transforms
 from .supervoxel_objects import SupervoxelSampling, add_supervoxel_objects
 
 __all__ = [

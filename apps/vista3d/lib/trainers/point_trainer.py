@@ -8,7 +8,7 @@ module trains exactly that path, on sessions that play out as they do at serving
    clicks anywhere on and around the object, labels 2/3 for special classes, ids above 132 read
    through the zero-shot token), so the head keeps handling clicks from any client;
 2. after each prediction, the result is edited exactly as the server edits it (Algorithm 1,
-   :func:`lib.refine.apply_clicks`: only the new click's component changes), and the next click goes
+   :func:`lib.inference.refine.apply_clicks`: only the new click's component changes), and the next click goes
    where the annotator clicks on that edited result: the centre of its largest error region,
    positive on missed foreground, negative on a false positive (:func:`lib.simulate.largest_error`).
 
@@ -35,7 +35,7 @@ from monai.apps.vista3d.sampler import sample_prompt_pairs
 from monai.losses import DiceCELoss
 from monai.networks.nets.vista3d import VISTA3D
 
-from ..refine import apply_clicks
+from ..inference.refine import apply_clicks
 from ..simulate import deepest_voxel, largest_error
 from .auto_trainer import auto_branch
 from .data import Crop

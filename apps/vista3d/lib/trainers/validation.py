@@ -1,6 +1,6 @@
 """The promotion gate's measurement: clicks-to-Dice (and auto Dice) per object of a set of final labels.
 
-Validation runs the server's own inference code (:mod:`lib.segment`) on the original images, so a
+Validation runs the server's own inference code (:mod:`lib.inference.segment`) on the original images, so a
 promoted model is better at exactly what annotators use.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 from monai.networks.nets.vista3d import VISTA3D
 
-from ..imageio import load_label
+from ..data.imageio import load_label
+from ..inference.segment import new_state, segment_auto
 from ..labels import LabelDictionary
 from ..model import patch_size_for
 from ..prompts import AutoPrompt
-from ..segment import new_state, segment_auto
 from ..sessions import ImageState
 from ..simulate import clicks_to_dice, dice, scoring_engine
 from .labelled import FinalLabel

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.imageio import load_image
+from ..labels import Preprocessing
+from ..prompts import AutoPrompt, PointPrompt
+from ..sessions import ImageState
 from .engine import Engine, pad_to_patch
 from .geometry import box_in_target, map_points, resample_nearest, shifted_affine
-from .imageio import load_image
-from .labels import Preprocessing
 from .preprocess import preprocess
-from .prompts import AutoPrompt, PointPrompt
 from .refine import apply_clicks
-from .sessions import ImageState
 
 __all__ = ["ClickEdit", "new_click_mask", "new_state", "segment_auto", "segment_points"]
 

@@ -4,7 +4,7 @@ MONAI Label's ``_init_dicomweb_datastore`` downloads dcmqi from GitHub before it
 datastore, so a server without internet access cannot start on a DICOMweb URL; its ``save_label``
 then runs dcmqi with segments named "unknown". :func:`open_dicomweb_datastore` builds the same
 client without that download, and :class:`Vista3DDICOMWebDatastore` writes the SEG with
-:mod:`lib.dicomseg`, named from the VISTA3D dictionary and the zero-shot registry.
+:mod:`lib.data.dicomseg`, named from the VISTA3D dictionary and the zero-shot registry.
 
 Both inference results saved by MONAI Label (tag ``original``, requests with ``save_label``) and
 submitted labels (tag ``final``) go to the DICOMweb server; other tags stay in the local cache.
@@ -28,8 +28,8 @@ from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
 
+from ..zero_shot import ZeroShotRegistry
 from .dicomseg import SegError, segment_names, write_seg
-from .zero_shot import ZeroShotRegistry
 
 __all__ = ["Vista3DDICOMWebDatastore", "open_dicomweb_datastore"]
 

@@ -14,7 +14,7 @@ from typing import Any, cast
 from monai.data import MetaTensor
 from monai.transforms import Compose, CropForegroundd, Orientationd, ScaleIntensityRanged, Spacingd
 
-from .labels import Preprocessing
+from ..labels import Preprocessing
 
 __all__ = ["preprocess", "preprocess_transforms"]
 

@@ -25,7 +25,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
-from .atomic import replace_with
+from ..atomic import replace_with
 from .imageio import check_volume_header, load_label
 
 __all__ = [

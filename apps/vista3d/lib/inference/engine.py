@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
+from ..model import LoadedModel
+from ..sessions import ImageState
+from ..settings import PRECISIONS
 from .auto_infer import OnWindow, auto_segment, window_workers
-from .model import LoadedModel
 from .point_head import HeadFeatures, predict, prepare
-from .sessions import ImageState
-from .settings import PRECISIONS
 
 __all__ = ["Engine", "WindowLogits", "pad_to_patch"]
 

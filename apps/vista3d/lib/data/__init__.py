@@ -1,0 +1,1 @@
+"""Data access: datastores (local and DICOMweb), DICOM-SEG, image and label files, dataset archives."""
