@@ -39,12 +39,14 @@ from monai.inferers import SlidingWindowInferer
 
 from lib.inference.engine import Engine
 from lib.inference.geometry import map_points, resample_nearest
+from lib.inference.hardware import cpu_isa
+from lib.inference.precision import PRECISIONS, TrialCache, choose_precisions
 from lib.inference.segment import new_state, segment_points
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, load_model, patch_size_for
 from lib.prompts import PointPrompt
 from lib.sessions import ImageState
-from lib.settings import PRECISIONS, Settings
+from lib.settings import Settings
 from lib.simulate import deepest_voxel, dice, next_click
 from lib.trainers.corpus import SARCOMA_CURVE, SARCOMA_HELDOUT
 
@@ -197,6 +199,7 @@ def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine
         "weights": model.version,
         "threads": torch.get_num_threads(),
         "precision": args.precision,
+        "machine": cpu_isa(),
         "reference_first_s": round(ref_first, 3),
         "reference_later_s": round(ref_later, 3),
         "app_first_s": round(app_first, 3),
@@ -238,7 +241,6 @@ def auto_weights(args: argparse.Namespace, model: LoadedModel) -> None:
 
 def auto_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine) -> dict:
     """Whole-volume class inference: MONAI's SlidingWindowInferer + VistaPostTransformd, then the app's path."""
-    auto_weights(args, model)
     patch = patch_size_for(args.preset)
     state = new_state(str(args.auto_image), LABELS.preprocessing, patch)
     image = state.image
@@ -249,6 +251,7 @@ def auto_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine)
         "preset": args.preset,
         "weights": model.version,
         "precision": engine.auto_precision,
+        "machine": cpu_isa(),
         "threads": torch.get_num_threads(),
         "auto_memory_mb": engine.auto_memory_mb,
         "image": Path(args.auto_image).name,
@@ -296,7 +299,7 @@ def main() -> None:
         "--precision",
         choices=PRECISIONS,
         default=Settings().precision,
-        help="the app's precision (default: the server's)",
+        help="the click path's precision (default: the server's, chosen on this machine)",
     )
     parser.add_argument("--no-http", action="store_true", help="skip the pass through the HTTP server")
     parser.add_argument(
@@ -307,7 +310,9 @@ def main() -> None:
     parser.add_argument("--auto-classes", default="1,3,4,5,6,7,10,12,14", help="ids, or 'everything'")
     parser.add_argument("--auto-app-only", action="store_true", help="skip the reference (peak RSS of the app alone)")
     parser.add_argument("--auto-memory-mb", type=int, default=Settings().auto_memory_mb)
-    parser.add_argument("--auto-precision", choices=PRECISIONS, help="default: the server's for the preset")
+    parser.add_argument(
+        "--auto-precision", choices=PRECISIONS, default=Settings().auto_precision, help="default: the server's"
+    )
     args = parser.parse_args()
     if args.quality:
         args.cases, args.no_http = QUALITY_CASES, True
@@ -316,15 +321,26 @@ def main() -> None:
     weights = args.weights or ("starter" if args.preset == "small" else "none")
     args.weights = weights
     model = load_model(args.preset, weights, Path("/nonexistent"), torch.device("cpu"))
-    served = Settings.from_conf({"preset": args.preset})
+    if args.auto:
+        auto_weights(args, model)
+    precisions = choose_precisions(
+        {"click": args.precision, "auto": args.auto_precision},
+        model,
+        patch_size_for(args.preset),
+        LABELS.preprocessing.hu_window,
+        LABELS.everything,
+        TrialCache(None),
+    )
+    precisions.log()
+    args.precision = precisions.click.precision  # what the HTTP pass asks the server for, too
     engine = Engine(
         model,
         patch_size_for(args.preset),
         LABELS.sw_overlap,
         LABELS.special,
-        args.precision,
+        precisions.click.precision,
         args.auto_memory_mb,
-        auto_precision=args.auto_precision or served.auto_precision,
+        auto_precision=precisions.auto.precision,
     )
     result = auto_benchmark(args, model, engine) if args.auto else click_benchmark(args, model, engine)
     print(json.dumps(result))

@@ -22,7 +22,7 @@ import torch
 from auto_standin import standin_network
 from common import ROOT
 
-from lib.inference.auto_forward import FLOAT32_STAGES, bf16_stages, window_features
+from lib.inference.auto_forward import FLOAT32_STAGES, reduced_stages, window_features
 from lib.model import load_model, patch_size_for
 
 
@@ -117,7 +117,7 @@ def main() -> None:
         reference = window_features(network, windows[0], frozenset())
         timed = {
             "torch_fp32_s": lambda w: window_features(network, w, frozenset()),
-            "torch_split_s": lambda w: window_features(network, w, bf16_stages(network, True)),
+            "torch_split_s": lambda w: window_features(network, w, reduced_stages(network, True)),
             "openvino_s": lambda w: run_compiled(stages, levels, w),
         }
         for name, fn in timed.items():

@@ -11,9 +11,20 @@ from typing import Any
 import nibabel as nib
 import nrrd
 import numpy as np
+import pytest
 import requests
+import torch
 
 from lib import simulate
+from lib.inference.hardware import reduced_support
+
+CPU_BF16 = reduced_support(torch.device("cpu"))[0]
+# Tests that pin the bfloat16 path run where this CPU has bfloat16 instructions; the float32 path is
+# tested everywhere. `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` makes any x86 CPU one without.
+needs_bf16 = pytest.mark.skipif(CPU_BF16.level != "native", reason=f"no native bfloat16: {CPU_BF16.detail}")
+# The precision the mechanics tests (tiling, workers, cancelling) run the automatic path in: the fast
+# one where the CPU has it, as the server would choose.
+MACHINE_PRECISION = "bf16" if CPU_BF16.level == "native" else "fp32"
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -24,12 +24,14 @@ from lib.inference.auto_forward import OneDNNConvolutions, stages, window_featur
 from lib.inference.auto_infer import auto_segment, window_workers
 from lib.inference.auto_plan import axis_starts, plan_blocks
 from lib.inference.engine import Engine
+from lib.inference.precision import autocast_dtype
 from lib.inference.segment import new_state
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, load_model, patch_size_for
 from lib.settings import Settings
 
 from .conftest import DATA
+from .helpers import MACHINE_PRECISION, needs_bf16
 
 LABELS = load_label_dictionary()
 PATCH = patch_size_for("small")
@@ -70,8 +72,8 @@ def organs_reference(model: LoadedModel, crop: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def small_crop_bf16(model: LoadedModel, small_crop: torch.Tensor) -> torch.Tensor:
-    return engine(model, "bf16").auto(small_crop, ORGANS)
+def small_crop_machine(model: LoadedModel, small_crop: torch.Tensor) -> torch.Tensor:
+    return engine(model, MACHINE_PRECISION).auto(small_crop, ORGANS)
 
 
 def engine(model: LoadedModel, precision: str, auto_memory_mb: int = 2048) -> Engine:
@@ -145,20 +147,21 @@ def test_fp32_is_the_reference(model: LoadedModel, crop: torch.Tensor, organs_re
     assert (app == organs_reference).mean() >= 0.99999
 
 
+@needs_bf16
 def test_bf16_agrees_with_the_reference_per_class(
     model: LoadedModel, crop: torch.Tensor, organs_reference: np.ndarray
 ) -> None:
-    """The served default (``auto_precision bf16``): every organ of the crop at Dice >= 0.99 against
+    """What ``auto_precision auto`` keeps on a CPU with bfloat16: every organ of the crop at Dice >= 0.99 against
     the float32 reference, with the starter whose automatic branch was trained on cached crops
     (its predecessor, whose organ logits sat near zero, left the spleen at 0.983 on the whole scan)."""
-    app = engine(model, "bf16").auto(crop, ORGANS).numpy()
+    app = engine(model, MACHINE_PRECISION).auto(crop, ORGANS).numpy()
     dice = per_class_dice(organs_reference, app)
     present = {c: d for c, (d, n) in dice.items() if n >= MIN_CLASS_VOXELS}
     assert len(present) >= 3, dice  # the crop holds organs the starter finds
     assert min(present.values()) >= 0.99, present
     assert (app == organs_reference).mean() >= 0.998
-    assert Settings.from_conf({}).auto_precision == "bf16"
-    assert Settings.from_conf({"preset": "vista3d"}).auto_precision == "bf16"
+    assert Settings.from_conf({}).auto_precision == "auto"
+    assert Settings.from_conf({"preset": "vista3d"}).auto_precision == "auto"
 
 
 def test_window_workers_for_small_windows_only() -> None:
@@ -170,7 +173,7 @@ def test_window_workers_for_small_windows_only() -> None:
 
 def test_parallel_windows_give_the_sequential_answer(model: LoadedModel, small_crop: torch.Tensor) -> None:
     classes = [1, 3, 5, 6, 14]
-    kwargs = {"bf16": True, "budget_bytes": 2**30}
+    kwargs = {"dtype": autocast_dtype(MACHINE_PRECISION), "budget_bytes": 2**30}
     one = auto_segment(model.network, small_crop, classes, PATCH, LABELS.sw_overlap, workers=1, **kwargs)
     two = auto_segment(model.network, small_crop, classes, PATCH, LABELS.sw_overlap, workers=2, **kwargs)
     assert torch.equal(one, two)  # windows are added in MONAI's order whichever worker computed them
@@ -183,7 +186,7 @@ def test_more_classes_than_features_stitch_features(model: LoadedModel, small_cr
 
 
 def test_a_tight_budget_gives_the_same_answer(
-    model: LoadedModel, small_crop: torch.Tensor, small_crop_bf16: torch.Tensor
+    model: LoadedModel, small_crop: torch.Tensor, small_crop_machine: torch.Tensor
 ) -> None:
     calls: list[tuple[int, int]] = []
     budget = 10 << 20  # 9 classes x 64 planes x 100 x 70 x 4 bytes = 16 MB in one block: 2 blocks
@@ -194,12 +197,12 @@ def test_a_tight_budget_gives_the_same_answer(
         ORGANS,
         PATCH,
         LABELS.sw_overlap,
-        bf16=True,
+        dtype=autocast_dtype(MACHINE_PRECISION),
         budget_bytes=budget,
         on_window=lambda i, n: calls.append((i, n)),
     )
     assert calls[-1] == (7, 8)  # every window overlaps both blocks here, so each ran twice
-    assert torch.equal(small_crop_bf16, tight)
+    assert torch.equal(small_crop_machine, tight)
 
 
 class Cancelled(Exception):
@@ -207,7 +210,7 @@ class Cancelled(Exception):
 
 
 def test_a_raising_on_window_cancels(model: LoadedModel, small_crop: torch.Tensor) -> None:
-    eng = engine(model, "bf16")
+    eng = engine(model, MACHINE_PRECISION)
     calls: list[tuple[int, int]] = []
 
     def cancel_at_two(i: int, n: int) -> None:
@@ -223,9 +226,9 @@ def test_a_raising_on_window_cancels(model: LoadedModel, small_crop: torch.Tenso
 
 
 def test_a_blocking_on_window_only_delays(
-    model: LoadedModel, small_crop: torch.Tensor, small_crop_bf16: torch.Tensor
+    model: LoadedModel, small_crop: torch.Tensor, small_crop_machine: torch.Tensor
 ) -> None:
-    eng = engine(model, "bf16")
+    eng = engine(model, MACHINE_PRECISION)
     release = threading.Event()
     threading.Timer(0.5, release.set).start()
     calls: list[tuple[int, int]] = []
@@ -239,12 +242,69 @@ def test_a_blocking_on_window_only_delays(
     got = eng.auto(small_crop, ORGANS, on_window=wait_at_one)
     assert time.perf_counter() - start >= 0.5
     assert list(dict.fromkeys(calls)) == [(i, 4) for i in range(4)]
-    assert torch.equal(got, small_crop_bf16)
+    assert torch.equal(got, small_crop_machine)
 
 
 def test_on_window_is_also_called_between_a_passs_stages(model: LoadedModel, small_crop: torch.Tensor) -> None:
     """The scheduler gets the compute slot back for a waiting click within one stage, not one whole window."""
     calls: list[tuple[int, int]] = []
-    engine(model, "bf16").auto(small_crop, ORGANS, on_window=lambda i, n: calls.append((i, n)))
+    engine(model, MACHINE_PRECISION).auto(small_crop, ORGANS, on_window=lambda i, n: calls.append((i, n)))
     per_window = [calls.count((i, 4)) for i in range(4)]
     assert min(per_window) > len(stages(model.network)), per_window
+
+
+def test_the_thread_budget_is_asked_before_every_window(model: LoadedModel, small_crop: torch.Tensor) -> None:
+    """An auto started beside a background process (1 thread) takes both cores once it has ended."""
+    budget = iter([1, 1, 2, 2])
+    seen: list[tuple[int, int]] = []
+    auto_segment(
+        model.network,
+        small_crop,
+        ORGANS,
+        PATCH,
+        LABELS.sw_overlap,
+        dtype=None,
+        budget_bytes=2**30,
+        on_window=lambda i, n: seen.append((i, torch.get_num_threads())),
+        workers=1,
+        threads=lambda: next(budget),
+    )
+    per_window = dict(seen)  # per window, the thread count its last stage ran with
+    assert per_window == {0: 1, 1: 1, 2: 2, 3: 2}, seen
+
+
+def test_windows_at_once_never_exceed_the_budget() -> None:
+    """Two workers, a budget of one thread: one window at a time; a budget of two: two at once, one thread each."""
+    from lib.inference.auto_infer import _Gate
+
+    budget = [1]
+    gate = _Gate(None, 4, lambda: budget[0], workers=2)
+    inside, most, shares = [0], [0], []
+    lock = threading.Lock()
+
+    def window(i: int) -> None:
+        with gate.window(i):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                shares.append(torch.get_num_threads())
+            time.sleep(0.2)
+            with lock:
+                inside[0] -= 1
+
+    def run_two() -> None:
+        workers = [threading.Thread(target=window, args=(i,)) for i in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    before = torch.get_num_threads()
+    try:
+        run_two()
+        assert most[0] == 1 and shares == [1, 1]
+        budget[0], most[0], shares[:] = 2, 0, []
+        run_two()
+        assert most[0] == 2 and shares == [1, 1]
+    finally:
+        torch.set_num_threads(before)

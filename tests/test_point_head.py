@@ -12,6 +12,8 @@ from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, build_network
 from lib.sessions import ImageState
 
+from .helpers import needs_bf16
+
 
 @pytest.mark.parametrize("preset", ["small", "vista3d"])
 @pytest.mark.parametrize(("class_id", "labels"), [(3, [1, 0]), (26, [3, 2]), (140, [1, 1])])
@@ -57,6 +59,7 @@ def test_nearby_clicks_share_a_window_far_clicks_do_not() -> None:
     assert len(state.features) == 2
 
 
+@needs_bf16
 def test_bf16_masks_agree_with_fp32_on_real_ct() -> None:
     """bfloat16 autocast changes logits by ~1e-2; only voxels with near-zero logits flip sign."""
     from lib.inference.segment import new_state

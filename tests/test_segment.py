@@ -16,6 +16,7 @@ from lib.prompts import PointPrompt
 from lib.simulate import deepest_voxel
 
 from .conftest import STS
+from .helpers import MACHINE_PRECISION
 
 A, B, C = (1, 2, 3, True), (4, 5, 6, False), (7, 8, 9, True)
 
@@ -40,7 +41,7 @@ def test_negative_clicks_never_grow_the_result_on_real_ct() -> None:
     a window centred on a later negative click added 126k false-positive voxels before the fix."""
     labels = load_label_dictionary()
     model = load_model("small", "starter", Path("/nonexistent"), torch.device("cpu"))
-    engine = Engine(model, patch_size_for("small"), labels.sw_overlap, labels.special, "bf16")
+    engine = Engine(model, patch_size_for("small"), labels.sw_overlap, labels.special, MACHINE_PRECISION)
     state = new_state(str(STS / "STS_029_ct.nii.gz"), labels.preprocessing, engine.patch)
     truth = np.asarray(nib.load(str(STS / "STS_029_gtv.nii.gz")).dataobj) > 0
     points, positive = [deepest_voxel(truth)], [True]

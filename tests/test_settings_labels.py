@@ -15,7 +15,7 @@ from .conftest import DATA
 def test_defaults() -> None:
     s = Settings.from_conf({})
     assert s.preset == "small" and s.weights == "starter" and s.device == "auto"
-    assert s.threads >= 1 and s.session_cache_mb == 4096 and s.precision == "bf16"
+    assert s.threads >= 1 and s.session_cache_mb == 4096 and s.precision == "auto"
 
 
 def test_vista3d_preset_defaults_to_official_weights() -> None:
@@ -28,7 +28,7 @@ def test_vista3d_preset_defaults_to_official_weights() -> None:
     [
         ({"preset": "big"}, "preset must be one of"),
         ({"threads": "two"}, "must be an integer"),
-        ({"precision": "fp16"}, "precision must be one of"),
+        ({"precision": "fp8"}, "precision must be one of"),
         ({"run_limit_s": "0"}, "run_limit_s must be at least 1.0"),
         ({"queue_wait_s": "soon"}, "queue_wait_s must be a number"),
     ],

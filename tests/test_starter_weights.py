@@ -19,6 +19,7 @@ from lib.trainers.corpus import SARCOMA_STARTER, sarcoma_volume
 from lib.trainers.data import SARCOMA_ID
 
 from .conftest import STS
+from .helpers import MACHINE_PRECISION
 
 REPORT = STARTER_WEIGHTS.with_suffix(".json")
 HELDOUT_CASE = "STS_033"  # never seen by the starter (it trains on STS_001..005), nor by the learning curve
@@ -43,7 +44,7 @@ def test_starter_segments_a_heldout_sarcoma_from_one_click(tmp_path: Path) -> No
     """One click at the tumour's centre (zero-shot id 133), on a case the starter never saw."""
     labels = load_label_dictionary()
     model = load_model("small", "starter", tmp_path, torch.device("cpu"))
-    engine = Engine(model, patch_size_for("small"), labels.sw_overlap, labels.special, precision="bf16")
+    engine = Engine(model, patch_size_for("small"), labels.sw_overlap, labels.special, precision=MACHINE_PRECISION)
     vol = sarcoma_volume(STS, HELDOUT_CASE, labels)
     truth = vol.label[0].numpy() == SARCOMA_ID
     with torch.inference_mode():

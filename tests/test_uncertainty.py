@@ -187,7 +187,7 @@ def test_strategy_on_empty_datastore(model: LoadedModel, tmp_path: Path) -> None
 
 def test_rejects_bad_arguments(model: LoadedModel) -> None:
     with pytest.raises(ValueError, match="precision"):
-        UncertaintyScoring(lambda: model, precision="fp16")
+        UncertaintyScoring(lambda: model, precision="fp8")
     with pytest.raises(ValueError, match="class_ids"):
         UncertaintyScoring(lambda: model, class_ids=[])
     with pytest.raises(ValueError, match="no classes"):

@@ -28,6 +28,7 @@ from lib.data.datastore import SafeLocalDatastore, UnknownImageError, check_plai
 from lib.data.dicomweb import open_dicomweb_datastore
 from lib.data.imageio import warm_up_writer
 from lib.inference.engine import Engine
+from lib.inference.precision import Precisions, TrialCache, choose_precisions
 from lib.infers.vista3d import IMAGE_ID_KEY, UnknownModelError, Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
@@ -43,6 +44,7 @@ from lib.zero_shot import ZeroShotRegistry
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vista3d"
+PRECISION_TRIALS = "precision_trials.json"  # in the app's model/ folder: measured once per machine and weights
 
 
 class MyApp(MONAILabelApp):
@@ -63,14 +65,15 @@ class MyApp(MONAILabelApp):
         self.model = load_model(self.settings.preset, self.settings.weights, self.model_dir, device)
         self.store = ModelStore(self.settings.model_store or state_dir(studies, app_dir) / "models")
         self.reloader = ModelReloader(self.model, self.store)  # serves the latest promoted version
+        self.precisions = self._choose_precisions()
         self.engine = Engine(
             self.model,
             patch=patch_size_for(self.settings.preset),
             overlap=self.dictionary.sw_overlap,
             special=self.dictionary.special,
-            precision=self.settings.precision,
+            precision=self.precisions.click.precision,
             auto_memory_mb=self.settings.auto_memory_mb,
-            auto_precision=self.settings.auto_precision,
+            auto_precision=self.precisions.auto.precision,
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024, self.settings.session_idle_s)
         warm_up_writer()
@@ -86,6 +89,26 @@ class MyApp(MONAILabelApp):
             description="VISTA3D for CT: 127 classes automatically, 3D clicks, zero-shot structures",
             version="0.1.0",
         )
+
+    def _choose_precisions(self) -> Precisions:
+        """Each path's precision on this machine (:mod:`lib.inference.precision`), measured with the
+        server's threads; background processes find the server's measurement in the cache."""
+        background = torch.get_num_threads()
+        if not in_background_process():
+            torch.set_num_threads(self.settings.threads)
+        try:
+            precisions = choose_precisions(
+                {"click": self.settings.precision, "auto": self.settings.auto_precision},
+                self.model,
+                patch_size_for(self.settings.preset),
+                self.dictionary.preprocessing.hu_window,
+                self.dictionary.everything,
+                TrialCache(self.model_dir / PRECISION_TRIALS),
+            )
+        finally:
+            torch.set_num_threads(background)
+        precisions.log()
+        return precisions
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -106,6 +129,7 @@ class MyApp(MONAILabelApp):
                 self.registry,
                 self.sessions_store,
                 self.reloader,
+                precisions=self.precisions,
                 max_points=self.settings.max_points,
                 saved_label=lambda image_id, user: latest_label(self.datastore(), image_id, user),
             )
@@ -113,7 +137,7 @@ class MyApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         studies = None if self.studies.startswith(("http://", "https://")) else self.studies
-        args = (self.settings, self.model, self.store, self.dictionary, studies)
+        args = (self.settings, self.model, self.store, self.dictionary, studies, self.precisions)
         return {"point": PointTrainTask(*args), "auto": AutoTrainTask(*args)}
 
     def on_init_complete(self) -> None:
@@ -143,7 +167,9 @@ class MyApp(MONAILabelApp):
         return {"random": Random(), "first": First(), "uncertainty": Uncertainty()}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        uncertainty = UncertaintyScoring(lambda: self.model, self.dictionary, precision=self.settings.precision)
+        uncertainty = UncertaintyScoring(
+            lambda: self.model, self.dictionary, precision=self.precisions.scoring.precision
+        )
         return {"dice": MultiClassDice(), "uncertainty": uncertainty}
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .inference.hardware import available_cores
+from .inference.precision import PRECISIONS
+
 __all__ = ["AUTH_MODES", "PRESETS", "Settings", "state_dir"]
 
 PRESETS = ("small", "vista3d")
-PRECISIONS = ("fp32", "bf16")
 AUTH_MODES = ("auto", "on", "off")
 
 
@@ -22,13 +23,6 @@ def state_dir(studies: str, app_dir: str | Path) -> Path:
     if studies.startswith(("http://", "https://")):
         return Path(app_dir) / "model"
     return Path(studies) / ".vista3d"
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _parse_positive_int(key: str, value: str) -> int:
@@ -72,12 +66,14 @@ class Settings:
             ``small``) is the checkpoint shipped in ``weights/``; ``none`` means random
             initialisation (a loud warning).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
-        threads: torch intra-op threads; defaults to the cores this process may use.
-        precision: ``bf16`` (default) runs the click path's convolutions and matrix products
-            under bfloat16 autocast, ``fp32`` runs it in float32.
-        auto_precision: the automatic path's: ``bf16`` (default) runs every stage but the
-            encoder's full-resolution level in bfloat16 (see :mod:`.auto_forward`); its label maps
-            agree with the float32 reference at Dice >= 0.99 per organ for both presets (README).
+        threads: torch intra-op threads; defaults to the cores this process may use (its CPU
+            affinity, bounded by a cgroup CPU quota).
+        precision: the click path's: ``auto`` (default) decides at start-up from the device and a
+            one-window measurement (:mod:`.inference.precision`; ``/info`` says what and why),
+            ``fp32`` runs it in float32, ``bf16``/``fp16`` run its convolutions and matrix products
+            under that autocast (honoured with a loud warning where the device lacks native support).
+        auto_precision: the automatic path's, chosen the same way: a reduced precision runs every
+            stage but the encoder's full-resolution level in it (see :mod:`.inference.auto_forward`);
             ``fp32`` gives the reference's label map.
         session_cache_mb: memory budget of the per-image session state (preprocessed image,
             previous result, cached encoder features); least recently used images are dropped.
@@ -118,14 +114,14 @@ class Settings:
     preset: str = "small"
     weights: str = "starter"
     device: str = "auto"
-    threads: int = field(default_factory=_available_cores)
-    precision: str = "bf16"
-    auto_precision: str = "bf16"
+    threads: int = field(default_factory=available_cores)
+    precision: str = "auto"
+    auto_precision: str = "auto"
     session_cache_mb: int = 4096
     auto_memory_mb: int = 2048
     train_trigger: int = 5
     train_debounce_s: float = 30.0
-    train_threads: int = field(default_factory=lambda: max(1, _available_cores() // 2))
+    train_threads: int = field(default_factory=lambda: max(1, available_cores() // 2))
     train_steps: int = 200
     promote_tolerance: float = 0.01
     train_lr: float = 1e-3

@@ -67,11 +67,16 @@ def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, b
     return None if error is None else (deepest_voxel(error[0]), error[1])
 
 
-def scoring_engine(network: VISTA3D, preset: str, labels: LabelDictionary) -> Engine:
-    """An engine answering with ``network`` as the server would (the preset's window, bf16 clicks):
-    what validation and the benchmarks score a network that is not the served one through."""
+def scoring_engine(
+    network: VISTA3D, preset: str, labels: LabelDictionary, precision: str = "fp32", auto_precision: str | None = None
+) -> Engine:
+    """An engine answering with ``network`` as the server would (the preset's window, the server's
+    precisions, which :mod:`.inference.precision` chose): what validation and the benchmarks score a
+    network that is not the served one through."""
     model = LoadedModel(network.eval(), preset, None, next(network.parameters()).device)
-    return Engine(model, patch_size_for(preset), labels.sw_overlap, labels.special, precision="bf16")
+    return Engine(
+        model, patch_size_for(preset), labels.sw_overlap, labels.special, precision, auto_precision=auto_precision
+    )
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

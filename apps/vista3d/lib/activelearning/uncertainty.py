@@ -30,10 +30,10 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from ..data.imageio import ImageError, load_image
+from ..inference.precision import RESOLVED, autocast_dtype
 from ..inference.preprocess import preprocess
 from ..labels import LabelDictionary, load_label_dictionary
 from ..model import LoadedModel, patch_size_for
-from ..settings import PRECISIONS
 
 __all__ = [
     "UNCERTAINTY_KEY",
@@ -81,19 +81,19 @@ def class_logits(
     class_ids: Sequence[int],
     region: Sequence[int] | None = None,
     stride: int = 1,
-    bf16: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
     """Class-head logits (before sigmoid) of ``window`` [1, 1, *patch], [n, h', w', d'] per chunk of classes.
 
     The computation of ``network(window, class_vector=...)`` (``ClassMappingClassify.forward``), with
     the image features mapped once and the class products made a chunk at a time, only on the first
-    ``region`` voxels of each axis (default: all) and every ``stride``-th voxel of them. With ``bf16``
-    the encoder and the feature mapping run under bfloat16 autocast; the products are float32.
+    ``region`` voxels of each axis (default: all) and every ``stride``-th voxel of them. With a
+    ``dtype`` the encoder and the feature mapping run under that autocast; the products are float32.
     """
     head = network.class_head
     if not isinstance(head, ClassMappingClassify):
         raise TypeError(f"expected VISTA3D's ClassMappingClassify head, got {type(head).__name__}")
-    with torch.autocast(window.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(window.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         _, features = network.image_encoder(window, with_point=False, with_label=True)
         src = head.image_post_mapping(features)
     extent = region or src.shape[2:]
@@ -124,7 +124,7 @@ def image_uncertainty(
     class_ids: Sequence[int],
     patch: Sequence[int],
     stride: int = 2,
-    bf16: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> float:
     """Mean binary entropy of the class head over ``class_ids`` and the image's voxels.
 
@@ -134,7 +134,8 @@ def image_uncertainty(
         class_ids: global class ids to score.
         patch: the model window the whole volume is fitted into.
         stride: score every ``stride``-th voxel of each axis (2: an eighth of the voxels).
-        bf16: run the encoder under bfloat16 autocast (:class:`UncertaintyScoring` says what it costs).
+        dtype: run the encoder under this autocast (:class:`UncertaintyScoring` says what it costs);
+            None runs it in float32.
     """
     if not class_ids:
         raise ValueError("no classes to score")
@@ -142,7 +143,7 @@ def image_uncertainty(
     window, inner = whole_volume_window(image, patch)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    for logits in class_logits(network, window.to(device), class_ids, inner, stride, bf16):
+    for logits in class_logits(network, window.to(device), class_ids, inner, stride, dtype):
         # float64 sums: a mean of identical entropies is that entropy exactly.
         total += binary_entropy(logits).sum(dtype=torch.float64).cpu()
         count += logits.numel()
@@ -160,13 +161,13 @@ class UncertaintyScoring(ScoringMethod):
         model_provider: returns the served model (called once per run; all images use that model).
         dictionary: label dictionary (preprocessing, class ids); the packaged one by default.
         class_ids: classes to score; by default all the dictionary's supported classes.
-        precision: ``bf16`` runs the encoder under bfloat16 autocast, ``fp32`` does not (pass the
-            app's ``--conf precision``).
+        precision: ``bf16``/``fp16`` run the encoder under that autocast, ``fp32`` does not (pass
+            the app's scoring precision, :mod:`lib.inference.precision`).
         stride: score every ``stride``-th voxel of each axis.
 
-    Cost (``small``, STS_001, one torch thread on this 2-core machine while other jobs ran): fp32
-    every voxel 5.2 s; fp32 stride 2 2.6 s; bf16 every voxel 3.8 s; bf16 stride 2 (the default)
-    1.0 s, 1.0-1.6 s per image with reading and preprocessing. With random weights bf16 moved
+    Cost (``small``, STS_001, one torch thread on a 2-core AMD EPYC with AVX512-BF16 while other
+    jobs ran): fp32 every voxel 5.2 s; fp32 stride 2 (the default stride) 2.6 s; bf16 every voxel
+    3.8 s; bf16 stride 2 1.0 s, 1.0-1.6 s per image with reading and preprocessing. With random weights bf16 moved
     scores by ~1e-4 and stride 2 lowered them by 0.005-0.03, keeping their order on five real CTs;
     differences between images were 0.004-0.15.
     """
@@ -176,12 +177,12 @@ class UncertaintyScoring(ScoringMethod):
         model_provider: Callable[[], LoadedModel],
         dictionary: LabelDictionary | None = None,
         class_ids: Sequence[int] | None = None,
-        precision: str = "bf16",
+        precision: str = "fp32",
         stride: int = 2,
     ) -> None:
         super().__init__("Uncertainty: mean binary entropy of VISTA3D's class head over the whole image")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in RESOLVED:
+            raise ValueError(f"precision must be one of {RESOLVED}, got {precision!r}")
         if stride < 1:
             raise ValueError(f"stride must be a positive integer, got {stride!r}")
         self.model_provider = model_provider
@@ -189,14 +190,14 @@ class UncertaintyScoring(ScoringMethod):
         self.class_ids = tuple(class_ids) if class_ids is not None else tuple(sorted(self.dictionary.supported))
         if not self.class_ids:
             raise ValueError("class_ids must name at least one class")
-        self.bf16 = precision == "bf16"
+        self.dtype = autocast_dtype(precision)
         self.stride = stride
 
     def score_image(self, model: LoadedModel, path: str) -> float:
         """Uncertainty of the image file at ``path`` under ``model``."""
         image = preprocess(load_image(path), self.dictionary.preprocessing)
         patch = patch_size_for(model.preset)
-        return image_uncertainty(model.network, image.as_tensor(), self.class_ids, patch, self.stride, self.bf16)
+        return image_uncertainty(model.network, image.as_tensor(), self.class_ids, patch, self.stride, self.dtype)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         model = self.model_provider()

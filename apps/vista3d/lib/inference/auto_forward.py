@@ -9,10 +9,11 @@ hurts agreement most where the output is formed, so the precision is chosen per 
 * ``up0`` .. ``up{L-2}``: the label decoder's levels, coarsest first (the last one is full resolution);
 * ``head``: the class head's ``image_post_mapping``.
 
-A stage named in the policy runs under bfloat16 autocast (oneDNN's fast path on CPUs with
-AVX512-BF16); every other stage runs in float32 on float32 inputs, its 3D convolutions sent to
-oneDNN (:class:`OneDNNConvolutions`): PyTorch sends MONAI's low-resolution ones at batch 1 to its
-slow reference kernel instead, 35 % of a ``small`` window's time.
+A stage named in the policy runs under reduced-precision autocast (bfloat16: oneDNN's fast path
+on CPUs with AVX512-BF16; float16 on GPUs without bfloat16); every other stage runs in float32 on
+float32 inputs, its 3D convolutions sent to oneDNN (:class:`OneDNNConvolutions`): PyTorch sends
+MONAI's low-resolution ones at batch 1 to its slow reference kernel instead, 35 % of a ``small``
+window's time.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ __all__ = [
     "FLOAT32_STAGES",
     "OneDNNConvolutions",
     "StageRunner",
-    "bf16_stages",
     "decode_auto",
+    "reduced_stages",
     "stages",
     "window_features",
 ]
@@ -40,7 +41,7 @@ __all__ = [
 StageRunner = Callable[[str, torch.nn.Module, torch.Tensor], torch.Tensor]
 """``run(stage, module, x)``: runs one module of the automatic branch as its stage asks."""
 
-# With ``precision=bf16``, the stages kept in float32: the encoder's full-resolution level, which
+# With a reduced ``auto_precision``, the stages kept in float32: the encoder's full-resolution level, which
 # reads the image itself. On the trained vista3d stand-in (bench/auto_standin.py) every stage in
 # bfloat16 cost its organs up to Dice 0.03 against the float32 reference, and so did keeping only
 # the class head in float32; the first convolution alone in float32 left Dice 0.989, this level
@@ -55,21 +56,22 @@ def stages(network: VISTA3D) -> list[str]:
     return ["init", *[f"down{i}" for i in range(levels)], *[f"up{i}" for i in range(levels - 1)], "head"]
 
 
-def bf16_stages(network: VISTA3D, bf16: bool) -> frozenset[str]:
-    """The stages run in bfloat16: none, or all but :data:`FLOAT32_STAGES`."""
-    return frozenset(stages(network)) - FLOAT32_STAGES if bf16 else frozenset()
+def reduced_stages(network: VISTA3D, reduced: bool) -> frozenset[str]:
+    """The stages run in reduced precision: none, or all but :data:`FLOAT32_STAGES`."""
+    return frozenset(stages(network)) - FLOAT32_STAGES if reduced else frozenset()
 
 
 def window_features(
     network: VISTA3D,
     window: torch.Tensor,
-    bf16_stages: frozenset[str],
+    reduced: frozenset[str],
     between: Callable[[], None] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """[1, 1, p, p, p] window -> [C, p, p, p] float32 post-mapped class-head features.
 
-    Equal to ``class_head.image_post_mapping(image_encoder(window)[1])`` when no stage is in
-    bfloat16 (tested); ``bf16_stages`` names the stages run under bfloat16 autocast.
+    Equal to ``class_head.image_post_mapping(image_encoder(window)[1])`` when no stage is reduced
+    (tested); ``reduced`` names the stages run under ``dtype`` autocast.
     ``between`` is called before every module the pass runs (a few tens of milliseconds apart
     for ``small`` on 2 cores, against 0.3 s for the whole window): the server's scheduler lets
     waiting clicks run there, or stops the request; it may block, or raise.
@@ -82,10 +84,10 @@ def window_features(
     def run(stage: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if between is not None:
             between()
-        bf16 = stage in bf16_stages
-        onednn = OneDNNConvolutions() if not bf16 and device == "cpu" else contextlib.nullcontext()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16), onednn:
-            return cast(torch.Tensor, module(x if bf16 else x.float()))
+        low = stage in reduced
+        onednn = OneDNNConvolutions() if not low and device == "cpu" else contextlib.nullcontext()
+        with torch.autocast(device, dtype=dtype, enabled=low), onednn:
+            return cast(torch.Tensor, module(x if low else x.float()))
 
     x = run("init", encoder.encoder.conv_init, window)
     skips: list[torch.Tensor] = []

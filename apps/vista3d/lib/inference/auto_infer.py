@@ -14,10 +14,11 @@ is positive. What makes it cheaper without changing it:
   depth of the volume instead of all of it. Where even that exceeds the memory budget, the
   volume is cut into blocks across axes 1 and 2 (:mod:`.auto_plan`), at the cost of encoding the
   windows on a block edge once per block.
-* With ``bf16`` the network runs stage by stage (:mod:`.auto_forward`): the full-resolution
-  level that reads the image in float32, the rest under bfloat16 autocast (on CPUs with
-  AVX512-BF16 every convolution then takes oneDNN's fast path, which float32 misses for MONAI's
-  small low-resolution 3D inputs at batch 1).
+* With a reduced precision (``dtype``; :mod:`.precision` chooses it on the machine) the network
+  runs stage by stage (:mod:`.auto_forward`): the full-resolution level that reads the image in
+  float32, the rest under bfloat16 (or float16) autocast (on CPUs with AVX512-BF16 every
+  convolution then takes oneDNN's fast path, which float32 misses for MONAI's small
+  low-resolution 3D inputs at batch 1).
 * Small windows are computed several at once, a thread each (:func:`window_workers`), and added
   in MONAI's order all the same.
 
@@ -27,6 +28,7 @@ of the classes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -40,7 +42,7 @@ from typing import TypeVar, cast
 import torch
 from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify
 
-from .auto_forward import bf16_stages, window_features
+from .auto_forward import reduced_stages, window_features
 from .auto_plan import AutoPlan, Block, plan_blocks
 
 __all__ = ["OnWindow", "auto_segment", "class_embeddings", "window_workers"]
@@ -113,15 +115,26 @@ class _Stitcher:
 
 
 class _Gate:
-    """``on_window`` for the window workers: one call at a time; once one has raised, every later call
-    raises the same exception without calling it (a cancelled request stays cancelled), and a call
-    that returns restores the worker's threads (the scheduler sets them on giving the slot back)."""
+    """The window workers' way to the scheduler and to the cores.
 
-    def __init__(self, on_window: OnWindow | None, total: int, threads: int | None) -> None:
+    ``on_window`` is called by one worker at a time; once a call has raised, every later call
+    raises the same exception without calling it (a cancelled request stays cancelled). Before each
+    window pass, :meth:`window` asks ``threads()`` what the segmentation may use now: at most that
+    many windows run at once, each with an equal share of the threads, so the busy threads never
+    add up to more than the budget, which follows what runs beside (a scoring process that ends
+    gives its core back at the next window). A call between stages restores the worker's share
+    (the scheduler sets the job's threads when it hands the slot back after clicks).
+    """
+
+    def __init__(self, on_window: OnWindow | None, total: int, threads: Callable[[], int], workers: int) -> None:
         self._on_window = on_window
         self._total = total
         self._threads = threads
+        self._workers = workers
         self._lock = threading.Lock()
+        self._places = threading.Condition()
+        self._running = 0
+        self._share = 1
         self._error: BaseException | None = None
 
     def __call__(self, i: int) -> None:
@@ -134,8 +147,30 @@ class _Gate:
                 except BaseException as e:
                     self._error = e
                     raise
-        if self._threads is not None and torch.get_num_threads() != self._threads:
-            torch.set_num_threads(self._threads)
+        if torch.get_num_threads() != self._share:
+            torch.set_num_threads(self._share)
+
+    @contextlib.contextmanager
+    def window(self, i: int) -> Iterator[None]:
+        """Around window pass ``i``: a checkpoint, then a place within the thread budget of now."""
+        self(i)
+        with self._places:
+            while True:
+                budget = max(1, self._threads())
+                concurrent = min(self._workers, budget)
+                if self._running < concurrent:
+                    break
+                self._places.wait(timeout=0.05)
+            self._running += 1
+            self._share = max(1, budget // concurrent)
+        if torch.get_num_threads() != self._share:
+            torch.set_num_threads(self._share)
+        try:
+            yield
+        finally:
+            with self._places:
+                self._running -= 1
+                self._places.notify_all()
 
 
 def _in_order(items: Sequence[T], compute: Callable[[T], R], workers: int) -> Iterator[tuple[T, R]]:
@@ -167,7 +202,8 @@ def _segment_block(
     plan: AutoPlan,
     stitcher: _Stitcher,
     out: torch.Tensor,
-    bf16: frozenset[str],
+    reduced: frozenset[str],
+    dtype: torch.dtype,
     done: int,
     gate: _Gate,
     workers: int,
@@ -180,12 +216,11 @@ def _segment_block(
 
     def features(item: tuple[int, tuple[int, int, int]]) -> torch.Tensor:
         i, start = item
-        between = functools.partial(gate, i)
-        between()
         sl = tuple(slice(s, s + q) for s, q in zip(start, p, strict=True))
-        window = image[(slice(None), *sl)].unsqueeze(0).to(device)
-        with torch.inference_mode():  # grad mode is per thread: a window worker sets its own
-            return window_features(network, window, bf16, between)
+        # grad mode is per thread: a window worker sets its own
+        with gate.window(i), torch.inference_mode():
+            window = image[(slice(None), *sl)].unsqueeze(0).to(device)
+            return window_features(network, window, reduced, functools.partial(gate, i), dtype)
 
     def finish(r: int) -> None:
         """Label row ``r``'s planes that no later window adds to, and move the buffer on."""
@@ -215,10 +250,11 @@ def auto_segment(
     patch: tuple[int, int, int],
     overlap: float,
     *,
-    bf16: bool,
+    dtype: torch.dtype | None,
     budget_bytes: int,
     on_window: OnWindow | None = None,
     workers: int = 1,
+    threads: Callable[[], int] | None = None,
 ) -> torch.Tensor:
     """[1, h, w, d] preprocessed image (at least one window on every axis) -> [h, w, d] int16 global ids.
 
@@ -228,13 +264,16 @@ def auto_segment(
         class_ids: global ids asked for; a voxel gets the id of its largest positive logit, else 0.
         patch: window size.
         overlap: fraction of a window shared with the next (the bundle's 0.3), as MONAI's.
-        bf16: run the stages of :func:`.auto_forward.bf16_stages` under bfloat16 autocast.
+        dtype: run the stages of :func:`.auto_forward.reduced_stages` under autocast to this
+            reduced precision (``torch.bfloat16``, ``torch.float16``); None runs all in float32.
         budget_bytes: the stitching buffer's size limit (see :func:`.auto_plan.plan_blocks`).
         on_window: called before every window pass and between its stages (:data:`OnWindow`); an
             exception it raises propagates, and no state of the request outlives this call.
-        workers: windows computed at once, each with an equal share of the caller's torch threads
-            (:func:`window_workers`); the windows are still added in MONAI's order, so the answer
+        workers: windows computed at once at most (:func:`window_workers`), each with an equal
+            share of the threads; the windows are still added in MONAI's order, so the answer
             does not depend on it.
+        threads: the torch threads it may use now, asked before every window pass (the server's
+            thread budget); by default the caller's torch threads, fixed.
     """
     device = next(network.parameters()).device
     emb = class_embeddings(cast(ClassMappingClassify, network.class_head), class_ids, device)
@@ -252,12 +291,17 @@ def auto_segment(
     ids = torch.tensor(list(class_ids), dtype=torch.int16, device=device)
     out = torch.zeros(size, dtype=torch.int16)
     done = 0
-    reduced = bf16_stages(network, bf16)
-    threads = max(1, torch.get_num_threads() // workers) if workers > 1 else None
-    gate = _Gate(on_window, plan.window_passes, threads)
-    for block in plan.blocks:
-        stitcher = _Stitcher(emb, ids, patch[0], block)
-        done = _segment_block(network, image, plan, stitcher, out, reduced, done, gate, workers)
+    reduced = reduced_stages(network, dtype is not None)
+    fixed = torch.get_num_threads()
+    gate = _Gate(on_window, plan.window_passes, threads or (lambda: fixed), workers)
+    try:
+        for block in plan.blocks:
+            stitcher = _Stitcher(emb, ids, patch[0], block)
+            done = _segment_block(
+                network, image, plan, stitcher, out, reduced, dtype or torch.float32, done, gate, workers
+            )
+    finally:
+        torch.set_num_threads(fixed)  # this thread's count, as the caller left it
     return out
 
 

@@ -7,7 +7,7 @@ task map them to and from the original image.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import numpy as np
@@ -17,9 +17,10 @@ from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
 from ..model import LoadedModel
 from ..sessions import ImageState
-from ..settings import PRECISIONS
 from .auto_infer import OnWindow, auto_segment, window_workers
+from .hardware import available_cores
 from .point_head import HeadFeatures, predict, prepare
+from .precision import RESOLVED, autocast_dtype
 
 __all__ = ["Engine", "WindowLogits", "pad_to_patch"]
 
@@ -78,11 +79,13 @@ class WindowLogits:
 class Engine:
     """Runs the served network. Thread-safe: the network is only read; per-image state has its own lock.
 
-    With ``precision="bf16"`` the click path (window encoder and point head) runs convolutions and
-    matrix products under bfloat16 autocast (softmax and normalisation statistics stay float32):
-    about 1.6x faster later clicks and 2x faster first clicks on a CPU with AVX512-BF16. The
-    automatic path (:mod:`.auto_infer`) runs only some of its stages in bfloat16, chosen so that
-    its label maps agree with MONAI's float32 reference per class (see :mod:`.auto_forward`).
+    With ``precision="bf16"`` (or ``"fp16"``) the click path (window encoder and point head) runs
+    convolutions and matrix products under autocast to that precision (softmax and normalisation
+    statistics stay float32): about 1.6x faster later clicks and 2x faster first clicks on a CPU
+    with AVX512-BF16, and far slower on one without (:mod:`.precision` decides on the machine).
+    The automatic path (:mod:`.auto_infer`) runs only some of its stages in reduced precision,
+    chosen so that its label maps agree with MONAI's float32 reference per class (see
+    :mod:`.auto_forward`).
     """
 
     def __init__(
@@ -95,16 +98,15 @@ class Engine:
         auto_memory_mb: int = 2048,
         auto_precision: str | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        for name, value in (("precision", precision), ("auto_precision", auto_precision or precision)):
+            if value not in RESOLVED:
+                raise ValueError(f"{name} must be one of {RESOLVED}, got {value!r}")
         self.model = model
         self.patch = patch
         self.overlap = overlap
         self.special = special
         self.precision = precision
         self.auto_precision = auto_precision or precision
-        if self.auto_precision not in PRECISIONS:
-            raise ValueError(f"auto_precision must be one of {PRECISIONS}, got {auto_precision!r}")
         self.auto_memory_mb = auto_memory_mb
         self._pos: dict[str, torch.Tensor] = {}  # positional encoding of a window, per weights version
 
@@ -121,24 +123,35 @@ class Engine:
         return self.model.version
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        dtype = autocast_dtype(self.precision)
+        return torch.autocast(self.model.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
-    def auto(self, image: torch.Tensor, class_ids: Sequence[int], on_window: OnWindow | None = None) -> torch.Tensor:
+    def auto(
+        self,
+        image: torch.Tensor,
+        class_ids: Sequence[int],
+        on_window: OnWindow | None = None,
+        threads: Callable[[], int] | None = None,
+    ) -> torch.Tensor:
         """[1, h, w, d] preprocessed image -> [h, w, d] int16 global ids (0 where no class is positive).
 
         MONAI's sliding-window answer (see :mod:`.auto_infer`); ``on_window(i, n)`` is called before
         window pass ``i`` of ``n`` and between its stages, and may block, or raise to cancel the request.
+        ``threads()`` is how many torch threads it may use now (asked before every window pass);
+        by default the caller's.
         """
+        most = available_cores() if threads is not None else torch.get_num_threads()
         return auto_segment(
             self.network,
             image,
             class_ids,
             self.patch,
             self.overlap,
-            bf16=self.auto_precision == "bf16",
+            dtype=autocast_dtype(self.auto_precision),
             budget_bytes=self.auto_memory_mb * 2**20,
             on_window=on_window,
-            workers=window_workers(self.patch, torch.get_num_threads()),
+            workers=window_workers(self.patch, most),
+            threads=threads,
         )
 
     def _windows_for(self, state: ImageState, points: np.ndarray) -> list[tuple[int, int, int]]:

@@ -34,15 +34,19 @@ def new_state(image_path: str, pre: Preprocessing, patch: tuple[int, int, int]) 
 
 
 def segment_auto(
-    engine: Engine, state: ImageState, prompt: AutoPrompt, on_window: Callable[[int, int], None] | None = None
+    engine: Engine,
+    state: ImageState,
+    prompt: AutoPrompt,
+    on_window: Callable[[int, int], None] | None = None,
+    threads: Callable[[], int] | None = None,
 ) -> np.ndarray:
     """Class-prompted segmentation of the whole image -> [H, W, D] int16 ids on the original grid.
 
     ``on_window(i, n)`` is called before each window pass and between its stages (see
     :meth:`.Engine.auto`): the server's scheduler runs waiting clicks there, or stops a request
-    whose client has gone.
+    whose client has gone. ``threads()`` is the server's thread budget for it now.
     """
-    ids = engine.auto(state.image, prompt.class_ids, on_window=on_window)
+    ids = engine.auto(state.image, prompt.class_ids, on_window=on_window, threads=threads)
     out = resample_nearest(ids[None], state.model_affine, state.original_affine, state.original_shape)[0]
     return out.astype(np.int16)
 

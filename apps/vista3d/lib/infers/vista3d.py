@@ -20,6 +20,7 @@ from monailabel.transform.writer import Writer
 
 from ..data.imageio import load_label, to_tensor
 from ..inference.engine import Engine
+from ..inference.precision import Precisions
 from ..inference.segment import ClickEdit, new_state, segment_auto, segment_points
 from ..labels import LabelDictionary
 from ..model_store import ModelReloader
@@ -32,6 +33,7 @@ __all__ = [
     "LABEL_FILE_KEY",
     "ON_COMPUTED_KEY",
     "ON_WINDOW_KEY",
+    "THREADS_KEY",
     "USER_KEY",
     "SavedLabel",
     "UnknownModelError",
@@ -46,6 +48,7 @@ USER_KEY = "user"  # whose session the request edits (a signed-in user, Slicer's
 LABEL_FILE_KEY = "label_file"  # a label uploaded with the request (a temporary file the edge removes)
 IMAGE_ID_KEY = "image_id"  # the image's datastore id (MONAI Label replaces "image" with its path)
 ON_WINDOW_KEY = "on_window"  # the scheduler's callback between window passes of an automatic segmentation
+THREADS_KEY = "serving_threads"  # the thread budget of an automatic segmentation now (asked every window)
 ON_COMPUTED_KEY = "on_computed"  # called once the result is computed, before it is written (the slot is handed on)
 
 SavedLabel = Callable[[str, str], str | None]
@@ -69,6 +72,7 @@ class Vista3DInfer(InferTask):
         registry: ZeroShotRegistry,
         store: SessionStore,
         reloader: ModelReloader | None = None,
+        precisions: Precisions | None = None,
         max_points: int = DEFAULT_MAX_POINTS,
         saved_label: SavedLabel | None = None,
     ) -> None:
@@ -84,6 +88,7 @@ class Vista3DInfer(InferTask):
         self.registry = registry
         self.store = store
         self.reloader = reloader
+        self.precisions = precisions
         self.max_points = max_points
         self.saved_label = saved_label
 
@@ -99,6 +104,8 @@ class Vista3DInfer(InferTask):
         info["preset"] = model.preset
         info["weights"] = model.weights or "random"
         info["weights_version"] = model.version
+        if self.precisions is not None:
+            info["precision"] = self.precisions.as_dict()
         if model.warning:
             info["warning"] = model.warning
             info["description"] = f"[RANDOM WEIGHTS] {info['description']}"
@@ -136,7 +143,8 @@ class Vista3DInfer(InferTask):
             edit: ClickEdit | None = None
             source = ""
             if isinstance(prompt, AutoPrompt):  # no lock while it runs: it yields to clicks between windows
-                result = segment_auto(self.engine, state, prompt, request.get(ON_WINDOW_KEY))
+                on_window, threads = request.get(ON_WINDOW_KEY), request.get(THREADS_KEY)
+                result = segment_auto(self.engine, state, prompt, on_window, threads)
                 with state.lock:
                     state.result = result
             else:

@@ -23,7 +23,7 @@ from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.utils.app import app_instance
 
 from ..data.datastore import LABEL_EXTENSIONS, check_plain_name
-from ..infers.vista3d import IMAGE_ID_KEY, LABEL_FILE_KEY, ON_COMPUTED_KEY, ON_WINDOW_KEY, USER_KEY
+from ..infers.vista3d import IMAGE_ID_KEY, LABEL_FILE_KEY, ON_COMPUTED_KEY, ON_WINDOW_KEY, THREADS_KEY, USER_KEY
 from ..prompts import is_interactive
 from .auth import Identity
 from .forms import json_object, upload_to_temp
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # Request keys only the server sets; a client's params holding any of them are refused.
 SERVER_KEYS = frozenset(
     {"model", "image", "file", "session", "description"}
-    | {USER_KEY, LABEL_FILE_KEY, IMAGE_ID_KEY, ON_WINDOW_KEY, ON_COMPUTED_KEY}
+    | {USER_KEY, LABEL_FILE_KEY, IMAGE_ID_KEY, ON_WINDOW_KEY, ON_COMPUTED_KEY, THREADS_KEY}
 )
 
 
@@ -120,7 +120,12 @@ def infer_router(scheduler: Scheduler, threads: ThreadBudget) -> APIRouter:
                     scheduler.checkpoint(job)
 
                 return instance.infer(
-                    {**built, ON_WINDOW_KEY: on_window, ON_COMPUTED_KEY: lambda: scheduler.computed(job)}
+                    {
+                        **built,
+                        ON_WINDOW_KEY: on_window,
+                        ON_COMPUTED_KEY: lambda: scheduler.computed(job),
+                        THREADS_KEY: lambda: threads.serving(job.kind),
+                    }
                 )
 
             job, future = scheduler.submit(kind, owner, image, work)

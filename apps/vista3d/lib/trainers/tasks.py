@@ -32,6 +32,7 @@ from monai.networks.nets.vista3d import VISTA3D
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from ..inference.precision import Precisions
 from ..labels import LabelDictionary
 from ..model import LoadedModel, patch_size_for
 from ..model_store import ModelStore, ServedVersion
@@ -130,10 +131,19 @@ class FineTuneTask(TrainTask):
     kind = ""
 
     def __init__(
-        self, settings: Settings, model: LoadedModel, store: ModelStore, labels: LabelDictionary, studies: str | None
+        self,
+        settings: Settings,
+        model: LoadedModel,
+        store: ModelStore,
+        labels: LabelDictionary,
+        studies: str | None,
+        precisions: Precisions | None = None,
     ) -> None:
         super().__init__(f"VISTA3D {self.kind} branch: fine-tune on final labels, promote if validation holds")
         self.settings = settings
+        # Candidates are scored as the server answers (float32 where no precisions are given).
+        self.click_precision = precisions.scoring.precision if precisions is not None else "fp32"
+        self.auto_precision = precisions.auto.precision if precisions is not None else "fp32"
         self.model = model
         self.store = store
         self.labels = labels
@@ -262,7 +272,9 @@ class PointTrainTask(FineTuneTask):
         if req.patience == 0:
             stats = train_point(network, volumes, weights, req, self.labels.special)
             return Trained(stats, self._new_label_scores(network, items, new, req))
-        scorer = ClickScorer(self.model.preset, self.labels, monitored_labels(items, new), req.clicks)
+        scorer = ClickScorer(
+            self.model.preset, self.labels, monitored_labels(items, new), req.clicks, self.click_precision
+        )
         early = EarlyStop(network, scorer, req.steps, req.check_every, req.patience)
         early.baseline()
         stats = train_point(network, volumes, weights, req, self.labels.special, stop_when=early)
@@ -296,7 +308,7 @@ class PointTrainTask(FineTuneTask):
         return served, self.score(network, fresh, req).get("per_object", {})
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
-        return click_dice(network, self.model.preset, self.labels, items, req.clicks)
+        return click_dice(network, self.model.preset, self.labels, items, req.clicks, self.click_precision)
 
 
 class AutoTrainTask(FineTuneTask):
@@ -323,4 +335,4 @@ class AutoTrainTask(FineTuneTask):
         return Trained(stats, (served, self.score(network, fresh, req).get("per_object", {})))
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
-        return auto_dice(network, self.model.preset, self.labels, items)
+        return auto_dice(network, self.model.preset, self.labels, items, self.auto_precision)

@@ -48,8 +48,11 @@ class ClickScorer:
     every few steps): loading and preprocessing is paid once per image.
     """
 
-    def __init__(self, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int) -> None:
+    def __init__(
+        self, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int, precision: str = "fp32"
+    ) -> None:
         self.preset = preset
+        self.precision = precision
         self.labels = labels
         self.clicks = clicks
         self._cases: list[tuple[str, ImageState, np.ndarray, list[int]]] = []
@@ -65,7 +68,7 @@ class ClickScorer:
 
     def curves(self, network: VISTA3D) -> dict[str, list[float]]:
         """Object key -> Dice after each simulated click."""
-        engine = scoring_engine(network, self.preset, self.labels)
+        engine = scoring_engine(network, self.preset, self.labels, self.precision)
         out = {}
         for image_id, state, truth, objects in self._cases:
             state.features.clear()  # features of another network
@@ -99,15 +102,22 @@ def summarise(images: list[str], curves: dict[str, list[float]]) -> dict[str, An
 
 
 def click_dice(
-    network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], clicks: int
+    network: VISTA3D,
+    preset: str,
+    labels: LabelDictionary,
+    items: Sequence[FinalLabel],
+    clicks: int,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Mean Dice after each simulated click over the objects of ``items``, and per object."""
-    return ClickScorer(preset, labels, items, clicks).score(network)
+    return ClickScorer(preset, labels, items, clicks, precision).score(network)
 
 
-def auto_dice(network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel]) -> dict[str, Any]:
+def auto_dice(
+    network: VISTA3D, preset: str, labels: LabelDictionary, items: Sequence[FinalLabel], precision: str = "fp32"
+) -> dict[str, Any]:
     """Automatic-branch Dice of each class (<= 132) each label holds; ``score`` is their mean."""
-    engine = scoring_engine(network, preset, labels)
+    engine = scoring_engine(network, preset, labels, auto_precision=precision)
     scores: dict[str, float] = {}
     for item in items:
         state = new_state(item.image, labels.preprocessing, engine.patch)
