@@ -29,6 +29,9 @@ from monailabel.endpoints import activelearning, batch_infer, datastore, info, l
 from monailabel.interfaces.utils.app import app_instance
 from starlette.routing import BaseRoute
 
+from ..inference.auto_infer import window_workers
+from ..inference.hardware import available_cores
+from ..model import patch_size_for
 from ..settings import Settings, state_dir
 from .access import RULES
 from .auth import Authenticator, Identity
@@ -86,7 +89,9 @@ class Edge:
         users = Path(settings.users) if settings.users else state_dir(studies, app_dir) / "users.json"
         issuer = TokenIssuer.from_key_file(users.parent / "auth_key", settings.token_hours * 3600)
         self.auth = Authenticator(UserStore(users), issuer, settings.auth, self.network)
-        self.threads = ThreadBudget(settings.threads, settings.train_threads)
+        # as many as Engine.auto's pool (one per core at most), fewer when `threads` is set lower
+        workers = window_workers(patch_size_for(settings.preset), min(settings.threads, available_cores()))
+        self.threads = ThreadBudget(settings.threads, settings.train_threads, workers)
         self.scheduler = Scheduler(
             settings.queue_max, settings.queue_wait_s, on_start=self.threads.apply, max_run_s=settings.run_limit_s
         )

@@ -68,35 +68,52 @@ def yield_to_serving() -> None:
 
 
 class ThreadBudget:
-    """``cores`` torch threads for serving; see the module docstring for what each kind of job gets."""
+    """``cores`` torch threads for serving; see the module docstring for what each kind of job gets.
+
+    An automatic segmentation asks :meth:`serving` before every window pass, so its share follows
+    what runs now (a scoring process that ends gives its core back at the next window), and at most
+    ``window_workers`` of its windows run at once, each with an equal part of that share.
+    """
 
     def __init__(
-        self, cores: int, background_threads: int, running: Callable[[], list[str]] = background_running
+        self,
+        cores: int,
+        background_threads: int,
+        window_workers: int = 1,
+        running: Callable[[], list[str]] = background_running,
     ) -> None:
         self.cores = cores
         self.background_threads = background_threads
+        self.window_workers = window_workers
         self._running = running
+        self._last: dict[Kind, int] = {}
 
     def serving(self, kind: Kind = Kind.AUTO) -> int:
-        """Threads for a job of ``kind`` now."""
-        return self.cores if kind == Kind.CLICK else self._auto_threads(len(self._running()))
+        """Threads for a job of ``kind`` now (logged when the answer changes)."""
+        n = self.cores if kind == Kind.CLICK else self._auto_threads(len(self._running()))
+        if self._last.get(kind) != n:
+            self._last[kind] = n
+            logger.info("Serving %ss with %d torch threads (%d cores)", kind.name.lower(), n, self.cores)
+        return n
 
     def _auto_threads(self, background: int) -> int:
         """An automatic segmentation's threads while ``background`` subprocesses run (at least one)."""
         return max(1, self.cores - self.background_threads * background)
 
     def apply(self, job: Job) -> None:
-        """Set this process's torch threads for ``job`` (called each time a job gets the compute slot)."""
+        """Set this thread's torch threads for ``job`` (called each time a job gets the compute slot)."""
         n = self.serving(job.kind)
         if torch.get_num_threads() != n:
-            logger.info("Serving %s with %d torch threads (%d cores)", job.kind.name.lower(), n, self.cores)
             torch.set_num_threads(n)
 
     def status(self) -> dict[str, Any]:
         running = self._running()
+        auto = self._auto_threads(len(running))
+        at_once = min(self.window_workers, auto)
         return {
             "cores": self.cores,
-            "serving": {"click": self.cores, "auto": self._auto_threads(len(running))},
+            "serving": {"click": self.cores, "auto": auto},
+            "auto_windows": {"at_once": at_once, "threads_each": max(1, auto // at_once)},
             "background": {m: self.background_threads for m in running},
             "background_nice": BACKGROUND_NICE,
         }
