@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +91,9 @@ def serve(
     """The real server, started as `make serve` starts it (behind the serving edge, which gives
     inference its threads; the plain `monailabel start_server` leaves the process at
     ``train_threads``), on a free port of ``host``; yields its loopback URL and process once
-    ``/auth/`` answers (public: it does once the app is up), and stops it on exit. ``env`` adds
-    to the server's environment (a TMPDIR of its own, for example). Used by the benchmarks and
-    the tests."""
+    ``/auth/`` answers (public: it does once the app is up), and stops it and every process it
+    started on exit (:func:`stop_tree`). ``env`` adds to the server's environment (a TMPDIR of
+    its own, for example). Used by the benchmarks and the tests."""
     port = free_port()
     bin_dir = Path(sys.executable).parent
     cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), host, port, conf)
@@ -117,8 +119,35 @@ def serve(
             time.sleep(0.5)
         yield url, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_tree(proc)
+
+
+def stop_tree(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and every process below it.
+
+    Its descendants are collected first: MONAI Label's background processes (scoring, training)
+    run in sessions of their own, out of reach of a signal to the server's process group, and
+    once the server has exited nothing leads from it to them. The group gets SIGTERM (the server
+    cancels its jobs and stops its background processes, see ``lib/server/shutdown.py``), then
+    SIGKILL after ``timeout_s``; descendants still alive 5 s after the server get SIGKILL.
+    """
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for straggler in alive:
+        with suppress(psutil.NoSuchProcess):
+            straggler.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):  # the whole group has gone
+        os.killpg(pgid, sig)

@@ -1,14 +1,23 @@
-"""Shared fixtures: paths to the real CT in ../shared/data, seeded RNGs, and the live MONAI Label server."""
+"""Shared fixtures: paths to the real CT in ../shared/data, seeded RNGs, and the live MONAI Label server.
+
+Servers live as long as the test module that started them, and a module that leaves any process
+of its own running fails (:func:`_no_process_left`): a server and its background work (scoring
+every image at start-up, training rounds) running on through the modules after it took their cores.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -21,7 +30,7 @@ ABDOMEN_SM = DATA / "totalseg" / "example_ct_sm.nii.gz"
 ABDOMEN_SEG_SM = DATA / "totalseg" / "example_seg.nii.gz"
 # Tests that assert which ids a result holds get an image of their own (STS_006, STS_007).
 SERVER_CASES = ("STS_001", "STS_002", "STS_003", "STS_006", "STS_007")
-# Planted in the session datastore before its server starts (tests/test_bad_input.py checks them).
+# Planted in each module's datastore before its server starts (tests/test_bad_input.py checks them).
 STALE_SAVE = Path("labels") / "final" / ".saving-killedwrite.nii.gz"
 LINKED_IMAGE = "linked"
 
@@ -41,15 +50,65 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# Python's own helpers, started once and kept for the interpreter's life: not a test's leftovers.
+INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def processes_left(timeout_s: float = 5.0) -> list[psutil.Process]:
+    """This process's descendants still running after up to ``timeout_s`` (zombies and helpers aside)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and not any(
+                    helper in " ".join(child.cmdline()) for helper in INTERPRETER_HELPERS
+                ):
+                    left.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:300]}"
+    except psutil.NoSuchProcess:
+        return f"{process.pid} (gone)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_process_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test module that leaves a process running (its module-scoped servers are stopped by then)."""
+    yield
+    left = processes_left()
+    names = [describe(p) for p in left]
+    for process in left:  # the modules after this one start clean
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    assert not names, f"{request.module.__name__} left processes running:\n" + "\n".join(names)
+
+
 class Server:
     """A running ``monailabel start_server`` with this app; ``tmp`` is its TMPDIR when the test chose one."""
 
-    def __init__(self, url: str, studies: Path, log: Path, pid: int, tmp: Path | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        studies: Path,
+        log: Path,
+        pid: int,
+        tmp: Path | None = None,
+        process: subprocess.Popen | None = None,
+    ) -> None:
         self.url = url
         self.studies = studies
         self.log = log
         self.pid = pid
         self.tmp = tmp
+        self.process = process  # to signal it and read its exit status
 
     def log_text(self) -> str:
         return self.log.read_text()
@@ -57,7 +116,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def linked_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CT volume outside the datastore that the session datastore links to (deleting must spare it)."""
+    """A small CT volume outside the datastore that each datastore links to (deleting must spare it)."""
     import nibabel as nib
 
     path = tmp_path_factory.mktemp("outside") / "linked_target.nii.gz"
@@ -66,7 +125,7 @@ def linked_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory, linked_target: Path) -> Path:
     """A datastore of real CT, linked (not copied) from ../shared/data, with what a killed write leaves behind."""
     root = tmp_path_factory.mktemp("studies")
@@ -90,17 +149,25 @@ def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# MONAI Label scores every image of the datastore in a background process at start-up (and after
+# each training round and active-learning request). No test needs that; a test that does passes
+# MONAI_LABEL_AUTO_UPDATE_SCORING="true" to running_server, or runs a scoring through /scoring.
+NO_AUTO_SCORING = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+
+
 @contextmanager
 def running_server(
     studies: str, log: Path, weights: Path, conf: dict[str, str] | None = None, host: str = "127.0.0.1", **env: str
 ) -> Iterator[Server]:
-    """``monailabel start_server`` with this app behind its serving edge on a free port; stopped on exit."""
+    """``monailabel start_server`` with this app behind its serving edge on a free port, without scoring at
+    start-up (:data:`NO_AUTO_SCORING`, unless ``env`` says otherwise); stopped with all it started on exit."""
+    env = {**NO_AUTO_SCORING, **env}
     with serve(studies, {"weights": str(weights), **(conf or {})}, log, host=host, env=env, limit_s=180) as (url, proc):
         tmp = Path(env["TMPDIR"]) if "TMPDIR" in env else None
-        yield Server(url, Path(studies), log, proc.pid, tmp)
+        yield Server(url, Path(studies), log, proc.pid, tmp, proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(studies: Path, test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real MONAI Label server with this app over the temporary datastore."""
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -116,7 +183,7 @@ PASSWORD = "a password for tests"
 ALLOWED_ORIGIN = "https://viewer.example"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def auth_server(test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server with sign-in on: one user per role (``u-<role>``), one allowed CORS origin, 2 new names per hour."""
     import nibabel as nib
@@ -138,7 +205,7 @@ def auth_server(test_weights: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tokens(auth_server: Server) -> dict[str, str]:
     """A bearer token per role, fetched as 3D Slicer does (``POST /auth/token``)."""
     out = {}

@@ -1,20 +1,18 @@
-"""The scheduler on its own: one compute slot, clicks first, cancellation, 503 not a hang; thread shares, priorities."""
+"""The scheduler on its own: one compute slot, clicks first, cancellation, 503 not a hang, shutdown; thread shares.
+
+Background priorities are in test_background.py.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from lib.server.scheduler import Busy, ClientGone, Job, Kind, Scheduler
-from lib.server.threads import BACKGROUND_NICE, ThreadBudget, in_background_process
-
-from .conftest import APP_DIR, ROOT
+from lib.server.threads import ThreadBudget
 
 
 def auto_work(windows: int, log: list[str], name: str, scheduler: Scheduler, step_s: float = 0.05):
@@ -91,6 +89,47 @@ def test_a_queued_job_of_a_gone_client_is_dropped_and_a_running_auto_stops() -> 
         auto.result(timeout=5)
     assert "never" not in log and len(log) < 100
     assert scheduler.status("alice", show_names=True)["running"] == []
+
+
+def test_shutdown_drops_queued_jobs_stops_the_running_auto_and_refuses_new_ones() -> None:
+    scheduler = Scheduler(max_jobs=8, max_wait_s=30)
+    log: list[str] = []
+    _, auto = scheduler.submit(Kind.AUTO, "alice", "x", auto_work(100, log, "auto", scheduler))
+    wait_until(lambda: len(log) >= 2)
+    _, queued = scheduler.submit(Kind.CLICK, "bob", "y", click_work(log, "never"))
+    assert scheduler.shutdown("the server is stopping") == 2 and scheduler.stopping
+    for future in (auto, queued):
+        with pytest.raises(Busy, match="the server is stopping") as stopped:
+            future.result(timeout=5)
+        assert stopped.value.retry_after >= 1
+    assert "never" not in log and len(log) < 10, log
+    with pytest.raises(Busy, match="the server is stopping"):
+        scheduler.submit(Kind.CLICK, "carol", "x", click_work(log, "late"))
+    assert scheduler.shutdown("again") == 0, "a second call changes nothing"
+    status = scheduler.status("alice", show_names=True)
+    assert status["running"] == [] and status["queued"] == [] and "late" not in log
+
+
+def test_shutdown_stops_an_auto_that_waits_for_the_slot_back_after_clicks() -> None:
+    """Paused behind a click (it gave the slot up at a checkpoint), the auto stops when it would resume."""
+    scheduler = Scheduler(max_jobs=8, max_wait_s=30)
+    log: list[str] = []
+    in_click, release = threading.Event(), threading.Event()
+
+    def slow_click(job: Job) -> str:
+        in_click.set()
+        release.wait(5)
+        return "click"
+
+    _, auto = scheduler.submit(Kind.AUTO, "alice", "x", auto_work(100, log, "auto", scheduler))
+    wait_until(lambda: len(log) >= 1)
+    _, click = scheduler.submit(Kind.CLICK, "bob", "y", slow_click)
+    assert in_click.wait(5)
+    scheduler.shutdown("the server is stopping")
+    release.set()
+    assert click.result(timeout=5) == "click", "a click that runs finishes (clicks have no checkpoint)"
+    with pytest.raises(Busy, match="the server is stopping"):
+        auto.result(timeout=5)
 
 
 def test_an_auto_over_the_run_limit_stops_at_its_next_checkpoint_and_the_slot_is_free() -> None:
@@ -177,25 +216,3 @@ def test_apply_sets_the_threads_of_the_job_that_got_the_slot() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-
-
-def test_a_background_process_lowers_its_own_priority_and_only_it() -> None:
-    """A MONAI Label subprocess (``-m monailabel.interfaces.utils.app``) runs at nice 19; this process is not one."""
-    assert not in_background_process()
-    code = (
-        "import os, sys; sys.path.insert(0, 'apps/vista3d');"
-        "from lib.server.threads import in_background_process, yield_to_serving;"
-        "assert in_background_process() is False; yield_to_serving(); print(os.nice(0))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert done.stdout.strip() == str(BACKGROUND_NICE)
-
-
-def test_monai_labels_background_process_of_this_app_runs_niced(tmp_path: Path) -> None:
-    """The real thing: MONAI Label's subprocess entry point (training rounds, scoring) builds the app niced."""
-    command = [sys.executable, "-m", "monailabel.interfaces.utils.app", "-a", str(APP_DIR), "-s", str(tmp_path)]
-    done = subprocess.run(
-        [*command, "-m", "scoring", "-r", '{"method": "dice"}'], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"runs at nice {BACKGROUND_NICE}: serving goes first" in done.stdout + done.stderr

@@ -20,3 +20,11 @@ def test_an_autos_windows_follow_what_runs_beside_it() -> None:
 def test_one_worker_takes_the_whole_share() -> None:
     budget = ThreadBudget(cores=4, background_threads=1, window_workers=1, running=lambda: [])
     assert budget.status()["auto_windows"] == {"at_once": 1, "threads_each": 4}
+
+
+def test_the_queue_says_how_background_work_yields() -> None:
+    yields = ThreadBudget(cores=2, background_threads=1, window_workers=2, running=lambda: []).status()[
+        "background_yields"
+    ]
+    assert yields["nice"] == 19 and yields["own_session"] is True
+    assert yields["policy"] == "SCHED_IDLE"  # Linux, where the suite runs

@@ -1,7 +1,8 @@
 """Fixtures of the browser tests: Orthanc loaded with the test series, the app's server on it, headless Chromium.
 
 Missing system packages (Orthanc, Chromium, chromedriver) fail the tests with the command that
-installs them (``make e2e`` does): a browser test that is skipped quietly proves nothing.
+installs them (``make e2e`` does): a browser test that is skipped quietly proves nothing. Orthanc,
+the server and the browser live as long as the test module that uses them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as url:
         yield url
@@ -54,7 +55,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 ANNOTATOR = "e2e-annotator"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dicomweb_server(
     orthanc: str, test_weights: Path, tmp_path_factory: pytest.TempPathFactory, artifacts: Path
 ) -> Iterator[Server]:
@@ -93,7 +94,7 @@ def _chromium(profile: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     with _chromium(tmp_path_factory.mktemp("chromium")) as driver:
         yield driver

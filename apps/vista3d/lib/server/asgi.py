@@ -42,6 +42,7 @@ from .infer_route import infer_router
 from .launch import EDGE_ENV, bind_host, is_loopback
 from .redact import ScrubPathsMiddleware, TruncatingFilter
 from .scheduler import Scheduler
+from .shutdown import stop_on_signals
 from .signin import sign_in_router
 from .task_routes import task_router
 from .threads import ThreadBudget
@@ -157,7 +158,8 @@ def create_app() -> FastAPI:
         instance = app_instance()
         instance.server_mode(True)
         instance.on_init_complete()
-        yield
+        with stop_on_signals(edge.scheduler):  # SIGTERM cancels running jobs rather than waiting for them
+            yield
 
     app = FastAPI(
         title="VISTA3D on MONAI Label",

@@ -13,6 +13,11 @@ A job that cannot start within ``max_wait_s``, or one more than ``max_jobs`` que
 gets :class:`Busy` (HTTP 503 with ``Retry-After``, estimated from the recent durations of the jobs
 ahead) rather than a hang; so does a job still running ``max_run_s`` after it started, at its next
 checkpoint (clicks have none: one click is a window or two).
+
+When the server stops (:meth:`Scheduler.shutdown`, on SIGTERM), new jobs get :class:`Busy`, queued
+ones are dropped and running ones stop at their next checkpoint, each with a 503 that says so:
+the requests end within a window pass and the server's graceful shutdown, which waits for them,
+takes seconds rather than the rest of an automatic segmentation.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ __all__ = ["Busy", "ClientGone", "Job", "Kind", "Scheduler"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+STOPPING_RETRY_S = 30  # Retry-After of the answers of a stopping server: about a restart
 
 
 class Kind(IntEnum):
@@ -91,12 +98,15 @@ class Scheduler:
         self._jobs: list[Job] = []  # queued and running, in arrival order
         self._waiting: list[Job] = []  # for the slot, in priority order
         self._holder: Job | None = None
+        self._stopping: str | None = None  # why the scheduler takes no more work (see shutdown)
         self._seconds: dict[Kind, float] = {Kind.CLICK: 1.0, Kind.AUTO: 60.0}  # recent durations (moving average)
         self._executor = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="infer")
 
     def submit(self, kind: Kind, user: str, image: str, work: Callable[[Job], T]) -> tuple[Job, Future[T]]:
-        """Queue ``work(job)``; :class:`Busy` at once when ``max_jobs`` are queued or running."""
+        """Queue ``work(job)``; :class:`Busy` at once when ``max_jobs`` are queued or running, or when stopping."""
         with self._cond:
+            if self._stopping is not None:
+                raise Busy(self._stopping, STOPPING_RETRY_S)
             if len(self._jobs) >= self.max_jobs:
                 raise Busy(f"the server is busy: {len(self._jobs)} requests queued or running", self._eta(None))
             job = Job(next(self._ids), user, kind, image)
@@ -109,10 +119,40 @@ class Scheduler:
             job.cancelled.set()
             self._cond.notify_all()
 
+    def shutdown(self, reason: str) -> int:
+        """Take no more work: refuse new jobs, drop queued ones, stop running ones at their next checkpoint.
+
+        Each of them ends with :class:`Busy` carrying ``reason`` (a 503 its client reads), so that
+        every request finishes quickly. Safe to call twice, and from a signal handler (the lock is
+        reentrant and nothing here waits). Returns how many jobs it cancelled.
+        """
+        with self._cond:
+            first = self._stopping is None
+            if first:
+                self._stopping = reason
+            jobs = list(self._jobs)
+            for job in jobs:
+                job.cancelled.set()
+            self._cond.notify_all()
+        if first:
+            logger.info("Scheduler stopping (%s): %d jobs cancelled", reason, len(jobs))
+        return len(jobs)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None
+
+    def _stop_if_cancelled(self, job: Job, gone: str) -> None:
+        """Raise for a cancelled ``job``: :class:`Busy` when the server stops, else :class:`ClientGone` (``gone``)."""
+        if not job.cancelled.is_set():
+            return
+        if self._stopping is not None:
+            raise Busy(self._stopping, STOPPING_RETRY_S)
+        raise ClientGone(f"job {job.id}: {gone}")
+
     def checkpoint(self, job: Job) -> None:
         """Between two stages of ``job``: stop if cancelled or over ``max_run_s``; let waiting clicks run first."""
-        if job.cancelled.is_set():
-            raise ClientGone(f"job {job.id}: the client has gone")
+        self._stop_if_cancelled(job, "the client has gone")
         if job.started is not None and time.monotonic() - job.started > self.max_run_s:
             raise Busy(
                 f"the {job.kind.name.lower()} ran longer than the server's limit of {self.max_run_s:.0f} s "
@@ -152,8 +192,7 @@ class Scheduler:
             self._waiting.sort(key=lambda j: j.order)
             try:
                 while not (self._holder is None and self._waiting[0] is job):
-                    if job.cancelled.is_set():
-                        raise ClientGone(f"job {job.id}: the client went away while it waited")
+                    self._stop_if_cancelled(job, "the client went away while it waited")
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Busy(
