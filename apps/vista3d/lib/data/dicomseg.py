@@ -22,6 +22,8 @@ import pydicom_seg
 import SimpleITK as sitk
 from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 
+from .imageio import label_ids
+
 __all__ = ["SegError", "read_seg", "segment_names", "write_seg"]
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def write_seg(
     """A DICOM-SEG of the label map at ``label_path`` (on the series' grid) for the series in ``series_dir``."""
     label = sitk.ReadImage(str(label_path))
     values = sitk.GetArrayViewFromImage(label)
-    ids = [int(v) for v in np.unique(values) if v != 0]
+    ids = label_ids(values)
     if not ids:
         raise SegError("the label is empty: DICOM-SEG needs at least one segment")
     numbers = np.zeros(max(ids) + 1, dtype=np.uint16)

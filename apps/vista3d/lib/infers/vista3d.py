@@ -18,7 +18,7 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.transform.writer import Writer
 
-from ..data.imageio import load_label, to_tensor
+from ..data.imageio import label_ids, load_label, to_tensor
 from ..inference.engine import Engine
 from ..inference.precision import Precisions
 from ..inference.segment import ClickEdit, new_state, segment_auto, segment_points
@@ -242,7 +242,7 @@ class Vista3DInfer(InferTask):
     def _result_json(
         self, prompt: AutoPrompt | PointPrompt, result: np.ndarray, edit: ClickEdit | None, source: str
     ) -> dict[str, Any]:
-        present = sorted(int(v) for v in np.unique(result) if v)
+        present = label_ids(result)
         names = {
             **{i: n for i, n in self.dictionary.classes.items()},
             **{v: k for k, v in self.registry.as_dict().items()},
