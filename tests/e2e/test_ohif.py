@@ -34,6 +34,7 @@ STS_001 = DATA / "sts_dicom" / "STS_001" / "image"
 INFER_TIMEOUT_S = 600
 POINT_LABEL = "spleen"
 RENDERED = "updated the segmentation's scalar data"  # MONAI Label's OHIF extension, after each result
+TOAST = "[data-sonner-toast]"  # OHIF's notifications (sonner)
 
 # Counts the voxels of each value in the labelmap the MONAI Label panel writes (OHIF segmentation '1').
 LABELMAP_HISTOGRAM_JS = """
@@ -117,6 +118,7 @@ class OhifPage:
     def pick_label(self, name: str) -> None:
         row = f"//tr[contains(@class,'clickable-row')]/td[text()='{name}']"
         element = wait_for(f"label row {name!r}", lambda: self._visible(By.XPATH, row), 30)
+        self._hide_notifications()
         element.click()
 
     def click_axial(self) -> None:
@@ -149,8 +151,13 @@ class OhifPage:
         return next((e for e in self.driver.find_elements(by, selector) if e.is_displayed()), None)
 
     def _hide_notifications(self) -> None:
-        """Waits out earlier toasts so that a new 'Successful' cannot be confused with an old one."""
-        wait_for("earlier notifications to close", lambda: "Successful" not in self._body() or None, 30)
+        """Waits out earlier toasts, as a user would: a new 'Successful' cannot be confused with an old
+        one, and no toast covers the control clicked next (they stand over the panel's bottom right)."""
+
+        def gone() -> bool:
+            return not self.driver.find_elements(By.CSS_SELECTOR, TOAST) and "Successful" not in self._body()
+
+        wait_for("earlier notifications to close", gone, 60)
 
     def _body(self) -> str:
         return str(self.driver.find_element(By.TAG_NAME, "body").text)
