@@ -50,6 +50,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Torch's threads as the test found them: a training task sets them for the subprocess it runs in, and
+    run in process by a test it left every later test of the session on one thread."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 # Python's own helpers, started once and kept for the interpreter's life: not a test's leftovers.
 INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
