@@ -27,9 +27,8 @@ import torch
 from common import DATA, ROOT
 from monai.networks.nets.vista3d import VISTA3D
 
-from lib.atomic import save_state
 from lib.labels import load_label_dictionary
-from lib.model import build_network, load_state
+from lib.model import build_network, load_state, save_state
 from lib.simulate import evaluate_clicks, mean_at, scoring_engine
 from lib.supervoxels.slic import LOWLEVEL_CONFIG
 from lib.trainers.corpus import sarcoma_click_cases

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "vista3d"
 sys.path.insert(0, str(APP_DIR))
 
-from lib.atomic import save_state, write_json  # noqa: E402
+from lib.atomic import write_json  # noqa: E402
 from lib.labels import load_label_dictionary  # noqa: E402
-from lib.model import build_network, load_state, patch_size_for  # noqa: E402
+from lib.model import build_network, load_state, patch_size_for, save_state  # noqa: E402
 from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice, scoring_engine  # noqa: E402
 from lib.trainers.auto_cached import organ_crops, train_auto_cached  # noqa: E402
 from lib.trainers.corpus import (  # noqa: E402

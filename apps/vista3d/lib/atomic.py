@@ -9,9 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-__all__ = ["replace_with", "save_state", "write_json"]
+__all__ = ["replace_with", "write_json"]
 
 
 def replace_with(dest: str | Path, write: Callable[[str], object], prefix: str | None = None) -> None:
@@ -29,18 +27,6 @@ def replace_with(dest: str | Path, write: Callable[[str], object], prefix: str |
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_state(network: torch.nn.Module, path: str | Path, half: bool = True) -> Path:
-    """Write ``network``'s state dict atomically (float16 by default: a 5.7M network is 11 MB)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {
-        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in network.state_dict().items()
-    }
-    replace_with(path, lambda tmp: torch.save(sd, tmp))
-    return path
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .atomic import save_state, write_json
-from .model import LoadedModel, build_network, load_state
+from .atomic import write_json
+from .model import LoadedModel, build_network, load_state, save_state
 
 __all__ = ["ModelReloader", "ModelStore", "ServedVersion"]
 

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .inference.hardware import available_cores
-from .inference.precision import PRECISIONS
+from .cores import available_cores
 
-__all__ = ["AUTH_MODES", "PRESETS", "Settings", "state_dir"]
+# What --conf precision and auto_precision take (lib.inference.precision resolves "auto").
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+__all__ = ["AUTH_MODES", "PRECISIONS", "PRESETS", "Settings", "state_dir"]
 
 PRESETS = ("small", "vista3d")
 AUTH_MODES = ("auto", "on", "off")

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
+from ..cores import available_cores
 from ..model import LoadedModel
 from ..sessions import ImageState
 from .auto_infer import OnWindow, auto_segment, window_workers
-from .hardware import available_cores
 from .point_head import HeadFeatures, predict, prepare
 from .precision import RESOLVED, autocast_dtype
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Support", "available_cores", "cpu_flags", "cpu_model", "fingerprint", "reduced_support"]
+from ..cores import available_cores
+
+__all__ = ["Support", "cpu_flags", "cpu_model", "fingerprint", "reduced_support"]
 
 # The oneDNN ISA names (ONEDNN_MAX_CPU_ISA) that stop short of bfloat16 instructions.
 _ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
@@ -127,21 +128,6 @@ def reduced_support(device: torch.device) -> list[Support]:
     if device.type == "cpu":
         return [_cpu_bf16()]
     return [Support("bf16", "none", f"no reduced precision is tried on {device.type}")]
-
-
-def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity, bounded by a cgroup CPU quota (containers)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 def fingerprint(device: torch.device) -> str:

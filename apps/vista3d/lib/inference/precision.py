@@ -30,6 +30,7 @@ import torch
 
 from ..atomic import write_json
 from ..model import LoadedModel
+from ..settings import PRECISIONS
 from .hardware import Support, fingerprint, reduced_support
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --conf takes
 RESOLVED = ("fp32", "bf16", "fp16")  # what a path runs in
 PATHS = ("click", "auto")  # the paths measured; scoring and training follow from them
 MIN_SPEEDUP = 1.1

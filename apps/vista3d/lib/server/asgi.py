@@ -29,8 +29,8 @@ from monailabel.endpoints import activelearning, batch_infer, datastore, info, l
 from monailabel.interfaces.utils.app import app_instance
 from starlette.routing import BaseRoute
 
+from ..cores import available_cores
 from ..inference.auto_infer import window_workers
-from ..inference.hardware import available_cores
 from ..model import patch_size_for
 from ..settings import Settings, state_dir
 from .access import RULES
