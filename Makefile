@@ -46,7 +46,7 @@ lint: venv
 
 # The whole suite, browser tests included; `pytest -m "not e2e"` skips the browser for quick runs.
 test: lint orthanc-install browser-install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra --durations=25
 
 e2e: venv orthanc-install browser-install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m e2e -ra
