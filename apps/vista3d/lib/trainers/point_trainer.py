@@ -47,6 +47,7 @@ __all__ = [
     "Prompts",
     "freeze_for_point_training",
     "initial_prompts",
+    "pick_voxel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def _click_labels(class_id: int, special: frozenset[int]) -> tuple[int, int]:
     return (2, 3) if class_id in special else (0, 1)
 
 
-def _pick(region: np.ndarray, rng: np.random.Generator, centre_prob: float) -> np.ndarray:
+def pick_voxel(region: np.ndarray, rng: np.random.Generator, centre_prob: float) -> np.ndarray:
     """The deepest voxel of ``region`` (where an annotator clicks), else a random one of its voxels."""
     if rng.random() < centre_prob:
         return deepest_voxel(region)
@@ -187,7 +188,7 @@ class ClickSession:
             error = largest_error(self.results[b] == 1, self.truth[b])
             if error is None:
                 continue
-            coords[b, 0] = torch.from_numpy(_pick(error[0], rng, centre_prob).astype(np.float32))
+            coords[b, 0] = torch.from_numpy(pick_voxel(error[0], rng, centre_prob).astype(np.float32))
             negative, positive = _click_labels(int(prompts.classes[b, 0]), special)
             labels[b, 0] = positive if error[1] else negative
         return Prompts(

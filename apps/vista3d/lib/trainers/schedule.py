@@ -26,17 +26,34 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import Crop, VolumeSampler
-
-__all__ = ["Checkpoint", "StepTrainer", "TrainStats", "lr_factor", "rng_state", "run_steps", "seed_everything"]
+__all__ = [
+    "Checkpoint",
+    "Sampler",
+    "StepTrainer",
+    "TrainStats",
+    "lr_factor",
+    "rng_state",
+    "run_steps",
+    "seed_everything",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class Sampler(Protocol):
+    """Draws what a step trains on (a crop, a click case), reproducibly from its state."""
+
+    def sample(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class StepTrainer(Protocol):
     optimizer: torch.optim.Optimizer
 
-    def step(self, crop: Crop) -> float | None: ...
+    def step(self, item: Any) -> float | None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -105,7 +122,7 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
 
 def run_steps(
     trainer: StepTrainer,
-    sampler: VolumeSampler,
+    sampler: Sampler,
     steps: int,
     warmup: int = 0,
     desc: str = "train",
@@ -114,7 +131,7 @@ def run_steps(
     checkpoint: Checkpoint | None = None,
     stop_when: Callable[[int], bool] | None = None,
 ) -> TrainStats:
-    """``steps`` optimiser steps on crops from ``sampler`` (crops without an object are redrawn).
+    """``steps`` optimiser steps on what ``sampler`` draws (redrawn when a step returns None: a crop without an object).
 
     With ``checkpoint``, resumes from its file when there is one and writes it every
     ``checkpoint.every`` steps and at the end. ``stop_when(step)`` returning True ends the run

@@ -23,7 +23,15 @@ from ..sessions import ImageState
 from ..simulate import clicks_to_dice, dice, scoring_engine
 from .labelled import FinalLabel
 
-__all__ = ["ClickScorer", "auto_dice", "click_dice", "object_key", "summarise"]
+__all__ = [
+    "MAX_OBJECTS_PER_IMAGE",
+    "ClickScorer",
+    "auto_dice",
+    "click_dice",
+    "largest_objects",
+    "object_key",
+    "summarise",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +39,8 @@ MAX_OBJECTS_PER_IMAGE = 3
 LAST_CLASS = 132
 
 
-def _objects(label: np.ndarray, limit: int) -> list[int]:
-    """The largest ``limit`` objects of a label map."""
+def largest_objects(label: np.ndarray, limit: int) -> list[int]:
+    """The ids of the ``limit`` largest objects of a label map: the ones validation scores."""
     ids, counts = np.unique(label[label > 0], return_counts=True)
     return [int(i) for i in ids[np.argsort(-counts)][:limit]]
 
@@ -60,7 +68,7 @@ class ClickScorer:
         for item in items:
             state = new_state(item.image, labels.preprocessing, patch)
             truth = np.asarray(load_label(item.label, state.original_shape))
-            self._cases.append((item.image_id, state, truth, _objects(truth, MAX_OBJECTS_PER_IMAGE)))
+            self._cases.append((item.image_id, state, truth, largest_objects(truth, MAX_OBJECTS_PER_IMAGE)))
 
     @property
     def images(self) -> list[str]:
@@ -122,7 +130,7 @@ def auto_dice(
     for item in items:
         state = new_state(item.image, labels.preprocessing, engine.patch)
         truth = np.asarray(load_label(item.label, state.original_shape))
-        classes = [c for c in _objects(truth, 127) if c <= LAST_CLASS]
+        classes = [c for c in largest_objects(truth, 127) if c <= LAST_CLASS]
         if not classes:
             continue
         pred = segment_auto(engine, state, AutoPrompt(class_ids=tuple(classes)))
