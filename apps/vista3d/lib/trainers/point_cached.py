@@ -39,7 +39,7 @@ from ..inference.precision import autocast_dtype
 from ..inference.refine import apply_clicks
 from ..simulate import largest_error
 from .data import CachedVolume
-from .point_trainer import PointTrainConfig, pick_voxel
+from .point_trainer import PointTrainConfig, ResumableTrainer, pick_voxel
 from .request import TrainRequest
 from .schedule import TrainStats, run_steps, seed_everything
 from .validation import MAX_OBJECTS_PER_IMAGE, largest_objects
@@ -170,7 +170,7 @@ def freeze_all_but_head(network: VISTA3D) -> list[torch.nn.Parameter]:
     return params
 
 
-class HeadTrainer:
+class HeadTrainer(ResumableTrainer):
     """Optimises the point head on click sessions played as the server answers them (module docstring)."""
 
     def __init__(
@@ -187,18 +187,6 @@ class HeadTrainer:
     @property
     def head(self) -> PointMappingSAM:
         return self.network.point_head
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": self.rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.bit_generator.state = state["rng"]
 
     def _labels(self, positive: np.ndarray, class_id: int) -> torch.Tensor:
         labels = torch.as_tensor(positive.astype(np.int64))

@@ -45,6 +45,7 @@ __all__ = [
     "PointTrainConfig",
     "PointTrainer",
     "Prompts",
+    "ResumableTrainer",
     "freeze_for_point_training",
     "initial_prompts",
     "pick_voxel",
@@ -198,7 +199,28 @@ class ClickSession:
         )
 
 
-class PointTrainer:
+class ResumableTrainer:
+    """A trainer with a network, an optimiser and a click generator: what a resumed run restores."""
+
+    network: VISTA3D
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """Network, optimiser and click generator: what a resumed run needs to continue this one."""
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+class PointTrainer(ResumableTrainer):
     """Optimises encoder + point head of a VISTA3D network with simulated click sessions."""
 
     def __init__(
@@ -216,19 +238,6 @@ class PointTrainer:
         self.loss_fn = DiceCELoss(sigmoid=True, lambda_ce=config.ce_weight)
         self.params = freeze_for_point_training(network, config.train_encoder)
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Network, optimiser and click generator: what a resumed run needs to continue this one."""
-        return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": self.rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.bit_generator.state = state["rng"]
 
     def targets(self, label: torch.Tensor, prompts: Prompts) -> torch.Tensor:
         """Binary masks [B,1,H,W,D] of the prompted classes."""
