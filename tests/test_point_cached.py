@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.inference.engine import window_start
+from lib.inference.engine import choose_window, window_start
 from lib.labels import load_label_dictionary
 from lib.model import STARTER_WEIGHTS, LoadedModel, load_model
 from lib.simulate import deepest_voxel, model_grid_state, scoring_engine
@@ -20,7 +20,6 @@ from lib.trainers.point_cached import (
     ClickCaseSampler,
     EncodedWindows,
     HeadTrainer,
-    choose_window,
     click_cases,
     train_point_head,
 )

@@ -22,7 +22,7 @@ from .auto_infer import OnWindow, auto_segment, window_workers
 from .point_head import HeadFeatures, predict, prepare
 from .precision import RESOLVED, autocast_dtype
 
-__all__ = ["Engine", "WindowLogits", "pad_to_patch"]
+__all__ = ["Engine", "WindowLogits", "choose_window", "pad_to_patch", "point_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,22 @@ def can_reuse(point: np.ndarray, start: Sequence[int], size: Sequence[int], patc
         if not s0 <= round(float(c)) < s0 + p or abs(s0 - s1) > p // 4:
             return False
     return True
+
+
+def choose_window(
+    point: np.ndarray, size: Sequence[int], patch: Sequence[int], earlier: Sequence[tuple[int, int, int]]
+) -> tuple[int, int, int]:
+    """The window for a click: the newest of ``earlier`` that :func:`can_reuse` allows, else one centred on it."""
+    for start in reversed(earlier):
+        if can_reuse(point, start, size, patch):
+            return start
+    return window_start(point, size, patch)
+
+
+def point_labels(positive: np.ndarray, class_id: int, special: frozenset[int]) -> torch.Tensor:
+    """0/1 clicks -> the point head's labels (2/3 for the special classes)."""
+    labels = torch.as_tensor(np.asarray(positive, dtype=np.int64))
+    return labels + 2 if class_id in special else labels
 
 
 class WindowLogits:
@@ -162,9 +178,7 @@ class Engine:
         size = tuple(state.image.shape[1:])
         chosen: list[tuple[int, int, int]] = []
         for point in points:
-            candidates = [*reversed(chosen), *reversed(state.features_for(self.weights_version))]
-            start = next((s for s in candidates if can_reuse(point, s, size, self.patch)), None)
-            start = start or window_start(point, size, self.patch)
+            start = choose_window(point, size, self.patch, [*state.features_for(self.weights_version), *chosen])
             if start not in chosen:
                 chosen.append(start)
         return chosen
@@ -185,11 +199,6 @@ class Engine:
         cache[start] = feats
         return feats
 
-    def model_point_labels(self, positive: np.ndarray, class_id: int) -> torch.Tensor:
-        """0/1 clicks -> the point head's labels (2/3 for the special classes)."""
-        labels = torch.as_tensor(np.asarray(positive, dtype=np.int64))
-        return labels + 2 if class_id in self.special else labels
-
     @torch.inference_mode()
     def points(
         self,
@@ -209,7 +218,7 @@ class Engine:
             window_points: [M] indices of the clicks whose windows are computed (the new ones).
         """
         coords = np.round(points).astype(np.int64)
-        labels = self.model_point_labels(positive, class_id)
+        labels = point_labels(positive, class_id, self.special)
         starts = self._windows_for(state, coords[window_points])
         lo = np.min(starts, axis=0)
         hi = np.max(starts, axis=0) + np.asarray(self.patch)

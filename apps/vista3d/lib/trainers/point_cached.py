@@ -16,8 +16,10 @@ window the server would choose, through :func:`lib.inference.point_head.prepare`
 answer against the object inside its window, summed over the session.
 
 With the encoder frozen, a window's encoder output depends only on the image, so it is computed
-once (:class:`EncodedWindows`, bounded in memory) and a step costs the point head alone: many more
-steps a minute, and the automatic branch (which reads only the encoder) cannot change at all.
+once (:class:`EncodedWindows`, bounded in memory) and the automatic branch (which reads only the
+encoder) cannot change at all. The network's share of a step is then the point head alone, but the
+simulated annotator's whole-volume distance transforms and component labelling still cost about
+8 s a step on 2 cores (``docs/point-rounds.md``): restricting them to the window is what is left.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets.vista3d import VISTA3D, PointMappingSAM
 
-from ..inference.engine import can_reuse, pad_to_patch, window_start
+from ..inference.engine import choose_window, pad_to_patch, point_labels
 from ..inference.point_head import predict, prepare
 from ..inference.precision import autocast_dtype
 from ..inference.refine import apply_clicks
@@ -152,14 +154,6 @@ class EncodedWindows:
         return self._windows[key]
 
 
-def choose_window(point: np.ndarray, size: Sequence[int], patch: Sequence[int], earlier: Sequence[Start]) -> Start:
-    """The server's window for a click: the newest earlier window it may reuse, else one centred on it."""
-    for start in reversed(earlier):
-        if can_reuse(point, start, size, patch):
-            return start
-    return window_start(point, size, patch)
-
-
 def freeze_all_but_head(network: VISTA3D) -> list[torch.nn.Parameter]:
     """Only the point head trains: the encoder (shared with the automatic branch) and the class head stay."""
     for p in network.parameters():
@@ -188,10 +182,6 @@ class HeadTrainer(ResumableTrainer):
     def head(self) -> PointMappingSAM:
         return self.network.point_head
 
-    def _labels(self, positive: np.ndarray, class_id: int) -> torch.Tensor:
-        labels = torch.as_tensor(positive.astype(np.int64))
-        return labels + 2 if class_id in self.config.special else labels
-
     def answer(
         self, case: ClickCase, points: Sequence[np.ndarray], positive: Sequence[bool], start: Start
     ) -> torch.Tensor:
@@ -201,7 +191,8 @@ class HeadTrainer(ResumableTrainer):
         encoded = self.windows.get(case, start)
         device = encoded.device
         coords = torch.as_tensor(local[inside], dtype=torch.float32, device=device).unsqueeze(0)
-        labels = self._labels(np.asarray(positive)[inside], case.class_id).unsqueeze(0).to(device)
+        labels = point_labels(np.asarray(positive)[inside], case.class_id, self.config.special)
+        labels = labels.unsqueeze(0).to(device)
         return predict(self.head, prepare(self.head, encoded.float()), coords, labels, case.class_id)
 
     def session_loss(self, case: ClickCase) -> torch.Tensor:
