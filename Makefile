@@ -4,7 +4,8 @@ SHELL := /bin/bash
 
 VENV    ?= .venv
 PYTHON  ?= python3
-STUDIES ?= ./studies
+# Empty: the project's own Orthanc (storage in ORTHANC_HOME); or a local folder, or a DICOMweb URL.
+STUDIES ?=
 PORT    ?= 8000
 # Loopback unless HOST is given; on any other address the server needs users (tools/users.py) or CONF=auth=off.
 HOST    ?= 127.0.0.1
@@ -16,15 +17,17 @@ CONF_ARGS := $(foreach kv,$(CONF),--conf $(word 1,$(subst =, ,$(kv))) $(patsubst
 # pip warns once per package about local index folders that do not exist on every machine.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-# Orthanc (scripts/orthanc/): loopback DICOMweb server for `make serve STUDIES=$(ORTHANC_URL)` and the tests.
+# The project's Orthanc (tools/orthanc.py): the loopback DICOMweb datastore `make serve` starts without STUDIES.
 ORTHANC_PORT ?= 8042
-ORTHANC_URL  := http://127.0.0.1:$(ORTHANC_PORT)/dicom-web
-ORTHANC_ENV  := ORTHANC_PORT=$(ORTHANC_PORT)
+ORTHANC_HOME ?= .orthanc
+DATASTORE    := $(or $(STUDIES),http://127.0.0.1:$(ORTHANC_PORT)/dicom-web)
+# The user store the server reads: CONF's users=<path>, else the datastore's default (tools/users.py).
+USERS_CONF   := $(patsubst users=%,%,$(filter users=%,$(CONF)))
 # System packages (Debian) the DICOMweb and browser tests need; installed only when missing.
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 apt_install = $(APT_GET) update -qq && $(APT_GET) install -y -qq $(1)
 
-.PHONY: venv serve test lint unit e2e clean orthanc orthanc-install orthanc-stop browser-install supervoxels
+.PHONY: venv serve add user test lint unit e2e clean orthanc-install browser-install supervoxels
 
 venv: $(VENV)/.installed
 
@@ -33,16 +36,27 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt 2>&1 | $(PIP_QUIET)
 	touch $@
 
-serve: venv
-	@case "$(STUDIES)" in http://*|https://*) ;; *) mkdir -p "$(STUDIES)";; esac
-	PATH="$(abspath $(BIN)):$$PATH" PYTHONPATH="$(abspath apps/vista3d)" $(BIN)/monailabel start_server \
-		--app apps/vista3d --studies "$(STUDIES)" --host $(HOST) --port $(PORT) \
-		--uvicorn_app lib.server.asgi:app $(CONF_ARGS)
+# Serves until Ctrl-C; without STUDIES on the project's Orthanc, which it starts and stops.
+serve: venv $(if $(STUDIES),,orthanc-install)
+	$(BIN)/python tools/serve.py $(if $(STUDIES),--studies "$(STUDIES)") --host $(HOST) --port $(PORT) \
+		--orthanc-port $(ORTHANC_PORT) --orthanc-home "$(ORTHANC_HOME)" $(CONF_ARGS)
+
+# Adds a CT to the serving datastore: STUDY=<NIfTI CT, DICOM folder, DICOM zip> (several: space-separated).
+add: venv
+	@test -n "$(STUDY)" || { echo "usage: make add STUDY=<NIfTI CT, DICOM folder or zip> [STUDIES=...]" >&2; exit 2; }
+	$(BIN)/python tools/add_study.py $(STUDY) --studies "$(DATASTORE)" --viewer http://127.0.0.1:$(PORT)
+
+# Adds a user (password read from the terminal); the first user turns sign-in on. ROLE: user, annotator, reviewer, admin.
+user: venv
+	@test -n "$(NAME)" || { echo "usage: make user NAME=<name> [ROLE=annotator] [STUDIES=...]" >&2; exit 2; }
+	$(BIN)/python tools/users.py $(if $(USERS_CONF),--users "$(USERS_CONF)",--studies "$(DATASTORE)") \
+		add "$(NAME)" --role $(or $(ROLE),annotator)
 
 lint: venv
-	$(BIN)/ruff check apps tests bench tools scripts
-	$(BIN)/ruff format --check apps tests bench tools scripts
+	$(BIN)/ruff check apps tests bench tools
+	$(BIN)/ruff format --check apps tests bench tools
 	$(BIN)/mypy apps/vista3d/lib apps/vista3d/main.py
+	MYPYPATH=apps/vista3d $(BIN)/mypy tools/serve.py tools/add_study.py tools/orthanc.py
 
 # The whole suite, browser tests included; `pytest -m "not e2e"` skips the browser for quick runs.
 test: lint orthanc-install browser-install
@@ -59,17 +73,10 @@ browser-install:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		$(call apt_install,chromium chromium-driver); fi
 
-# Starts the project's Orthanc (storage in .orthanc/) and uploads ../shared/data's DICOM series.
-# Supervoxels for the datastore's images (low-level; SAM with SAM=<checkpoint> [SAM_MODEL=vit_b]).
+# Supervoxels for a local folder datastore's images (low-level; SAM with SAM=<checkpoint> [SAM_MODEL=vit_b]).
 supervoxels: venv
-	$(BIN)/python tools/supervoxels.py --studies $(STUDIES) $(if $(SAM),--sam-checkpoint $(SAM) --sam-model $(or $(SAM_MODEL),vit_b))
-
-orthanc: venv orthanc-install
-	$(ORTHANC_ENV) scripts/orthanc/orthanc.sh start
-	$(BIN)/python scripts/orthanc/upload.py --orthanc http://127.0.0.1:$(ORTHANC_PORT)
-
-orthanc-stop:
-	$(ORTHANC_ENV) scripts/orthanc/orthanc.sh stop
+	@test -n "$(STUDIES)" || { echo "usage: make supervoxels STUDIES=<folder> (a local folder datastore)" >&2; exit 2; }
+	$(BIN)/python tools/supervoxels.py --studies "$(STUDIES)" $(if $(SAM),--sam-checkpoint $(SAM) --sam-model $(or $(SAM_MODEL),vit_b))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -34,8 +34,9 @@ from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
 from lib.model import load_model, patch_size_for, resolve_device
 from lib.model_store import ModelReloader, ModelStore
-from lib.server.launch import EDGE_ENV, bind_host, is_loopback
+from lib.server.launch import EDGE_ENV, bind_host, bind_port, getting_started, is_loopback
 from lib.server.threads import in_background_process, yield_to_serving
+from lib.server.users import UserStore
 from lib.sessions import SessionStore
 from lib.settings import Settings, state_dir
 from lib.trainers.tasks import AutoTrainTask, PointTrainTask
@@ -152,6 +153,9 @@ class MyApp(MONAILabelApp):
             start_training=self._start_point_training,
         )
         self.loop.on_label_saved()  # labels submitted while the server was down
+        users = UserStore(self.settings.users or state_dir(self.studies, self.app_dir) / "users.json")
+        for line in getting_started(bind_host(), bind_port(), self.studies, len(users), self.settings.auth):
+            logger.info("%s", line)
 
     def _start_point_training(self) -> bool:
         """Start a background point round; False when a training is already running."""

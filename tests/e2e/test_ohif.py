@@ -1,20 +1,27 @@
-"""The bundled OHIF viewer in headless Chromium: a sarcoma study from Orthanc, Auto segmentation and a Point prompt.
+"""A newcomer's first session: the README's commands, then OHIF in headless Chromium, Auto segmentation and a click.
 
-What a user sees is asserted through OHIF's own state (the labelmap the MONAI Label panel filled),
-the panel's notifications and the requests the server logged; screenshots of every step are kept
-in ``artifacts/e2e/``. The network runs with whatever weights the app starts with (random in a
-fresh checkout): the test is about the path from the button to the rendered labelmap, not accuracy.
+``make serve`` from a clean state (the project's Orthanc, started and stopped by it), ``make user``,
+``make add`` of a NIfTI CT and a DICOM folder (see ``conftest.newcomer``); then sign-in through the
+page, the added NIfTI study opened in OHIF, Auto segmentation and a Point prompt. What a user sees is
+asserted through OHIF's own state (the labelmap the MONAI Label panel filled), the panel's
+notifications and the requests the server logged; screenshots of every step are kept in
+``artifacts/e2e/`` (the README's screenshot is the auto result). The network runs with the
+weights a newcomer gets (the shipped starter): the test is about the path from the first command
+to the rendered labelmap, not accuracy. The last test stops the server as a user does, with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import pydicom
 import pytest
 from selenium import webdriver
@@ -23,7 +30,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from ..conftest import DATA, PASSWORD, Server
-from .conftest import ANNOTATOR
+from .conftest import ANNOTATOR, Newcomer
 
 pytestmark = pytest.mark.e2e
 
@@ -122,7 +129,7 @@ class OhifPage:
         element.click()
 
     def click_axial(self) -> None:
-        """A click in the centre of the axial view (inside the thigh of STS_001)."""
+        """A click in the centre of the axial view (inside the thigh of STS_002)."""
         canvas = self.driver.find_element(By.CSS_SELECTOR, "[data-viewport-uid='mpr-axial'] canvas.cornerstone-canvas")
         ActionChains(self.driver).move_to_element(canvas).click().perform()
 
@@ -170,11 +177,26 @@ def infer_requests(server: Server, user: str) -> list[dict[str, Any]]:
     return [{"image": r["image"], **r["params"]} for r in map(json.loads, lines)]
 
 
+def added_nifti_study(newcomer: Newcomer) -> str:
+    """The study ``make add`` made of the NIfTI CT, from the OHIF link it printed."""
+    line = next(line for line in newcomer.added.splitlines() if "STS_002_ct (from NIfTI)" in line)
+    return line.rsplit("StudyInstanceUIDs=", 1)[1].strip()
+
+
+def test_make_add_reports_what_it_added_and_refused(newcomer: Newcomer) -> None:
+    assert newcomer.added.count("added CT series") == 2, newcomer.added
+    assert "RTSTRUCT" in newcomer.added and "not a CT image" in newcomer.added, "STS_001's RTSTRUCT is refused"
+    assert f"{newcomer.url}/ohif/monai-label?StudyInstanceUIDs=" in newcomer.added
+    log = newcomer.log_text()
+    assert f"OHIF viewer: {newcomer.url}/ohif/" in log and "make add STUDY=" in log, "the start log says what next"
+
+
 def test_auto_and_point_segmentation_render_in_ohif(
-    dicomweb_server: Server, browser: webdriver.Chrome, artifacts: Path
+    newcomer: Newcomer, browser: webdriver.Chrome, artifacts: Path
 ) -> None:
+    dicomweb_server = newcomer
     page = OhifPage(browser, artifacts)
-    study = str(pydicom.dcmread(next(STS_001.iterdir()), stop_before_pixels=True).StudyInstanceUID)
+    study = added_nifti_study(newcomer)
     try:
         page.sign_in(dicomweb_server, ANNOTATOR, PASSWORD)
         page.open_study(dicomweb_server, study)
@@ -207,8 +229,9 @@ def test_auto_and_point_segmentation_render_in_ohif(
 
 
 def test_anonymous_browser_cannot_reach_the_viewers_data(
-    dicomweb_server: Server, anonymous_browser: webdriver.Chrome, artifacts: Path
+    newcomer: Newcomer, anonymous_browser: webdriver.Chrome, artifacts: Path
 ) -> None:
+    dicomweb_server = newcomer
     browser = anonymous_browser
     page = OhifPage(browser, artifacts)
     header = pydicom.dcmread(next(STS_001.iterdir()), stop_before_pixels=True)
@@ -225,3 +248,17 @@ def test_anonymous_browser_cannot_reach_the_viewers_data(
     ):
         assert page.fetch_status(path) == 401, path
     assert page.fetch_status(f"/datastore/image?image={series}") == 401
+
+
+def test_ctrl_c_stops_the_server_and_the_orthanc_it_started(newcomer: Newcomer) -> None:
+    """Last in the module: what ``make serve`` started is gone once it has exited."""
+    server = psutil.Process(newcomer.pid)
+    started = server.children(recursive=True)
+    orthanc = [p for p in started if p.name() == "Orthanc"]
+    assert len(orthanc) == 1, [p.name() for p in started]
+    os.killpg(newcomer.pid, signal.SIGINT)
+    assert newcomer.process is not None
+    newcomer.process.wait(timeout=120)
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"still running after make serve exited: {[p.name() for p in alive]}"
+    assert "Orthanc stopped" in newcomer.log_text()

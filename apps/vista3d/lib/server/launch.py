@@ -12,11 +12,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ASGI_APP", "EDGE_ENV", "bind_host", "is_loopback", "server_command"]
+__all__ = ["ASGI_APP", "EDGE_ENV", "bind_host", "bind_port", "getting_started", "is_loopback", "server_command"]
 
 ASGI_APP = "lib.server.asgi:app"
 EDGE_ENV = "VISTA3D_EDGE"  # set by the edge at import: the app knows it is served behind it
 MONAI_LABEL_DEFAULT_HOST = "0.0.0.0"
+MONAI_LABEL_DEFAULT_PORT = 8000
+EMBEDDED_ORTHANC = "http://127.0.0.1:8042/dicom-web"  # what `make serve` starts without STUDIES
 
 
 def bind_host(argv: Sequence[str] | None = None) -> str:
@@ -25,6 +27,32 @@ def bind_host(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("-i", "--host", default=MONAI_LABEL_DEFAULT_HOST)
     known, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     return str(known.host)
+
+
+def bind_port(argv: Sequence[str] | None = None) -> int:
+    """The ``--port`` (``-p``) of ``monailabel start_server``'s command line, or MONAI Label's default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-p", "--port", type=int, default=MONAI_LABEL_DEFAULT_PORT)
+    known, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return int(known.port)
+
+
+def getting_started(host: str, port: int, studies: str, users: int, auth: str = "auto") -> list[str]:
+    """What a newcomer needs once the server is up: where OHIF is, how to add a study and the first user."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    where = "" if studies == EMBEDDED_ORTHANC else f" STUDIES={studies}"
+    lines = [f"OHIF viewer: http://{shown}:{port}/ohif/ (3D Slicer: server http://{shown}:{port}/)"]
+    if studies.startswith(("http://", "https://")):
+        lines.append(f"add a study: make add STUDY=<NIfTI CT, DICOM folder or zip>{where}")
+    else:
+        lines.append(f"add a study: make add STUDY=<NIfTI CT, DICOM folder or zip>{where} (OHIF needs DICOMweb)")
+    if auth == "off":
+        lines.append("sign-in is off (--conf auth off)")
+    elif users:
+        lines.append(f"sign-in is on: {users} user(s); add one with make user NAME=<name> ROLE=<role>{where}")
+    else:
+        lines.append(f"no users yet, sign-in is off: add the first with make user NAME=<name> ROLE=admin{where}")
+    return lines
 
 
 def is_loopback(host: str) -> bool:
