@@ -42,6 +42,10 @@ from bench.common import serve  # noqa: E402  (the launcher the benchmarks use t
 def pytest_configure(config: pytest.Config) -> None:
     if not DATA.is_dir():
         raise pytest.UsageError(f"the tests need the real CT in {DATA} (../shared/data beside the project)")
+    # Tests that run torch in this process use one thread (a test that needs more sets them): on a 2-core
+    # runner beside another CPU-bound process, two threads wait on each other at every OpenMP barrier.
+    # Measured on a 2-core EPYC beside two busy processes: test_schedule 99 s with two threads, 19 s with one.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

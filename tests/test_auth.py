@@ -169,6 +169,12 @@ def test_auth_off_on_a_network_address_says_so_loudly(tmp_path: Path, test_weigh
 
 def test_make_serve_binds_loopback_behind_the_edge() -> None:
     dry = subprocess.run(["make", "-n", "serve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "--host 127.0.0.1" in dry and "--uvicorn_app lib.server.asgi:app" in dry
+    assert "tools/serve.py" in dry and "--host 127.0.0.1" in dry
+    from tools.serve import parse_args
+
+    args = parse_args(["--host", "127.0.0.1"])
+    cmd = server_command(Path("monailabel"), ROOT / "apps" / "vista3d", "s", args.host, args.port, dict(args.conf))
+    assert "--uvicorn_app" in cmd and cmd[cmd.index("--uvicorn_app") + 1] == "lib.server.asgi:app"
+    assert parse_args([]).host == "127.0.0.1", "tools/serve.py binds loopback unless told otherwise"
     dry = subprocess.run(["make", "-n", "serve", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "--host 0.0.0.0" in dry

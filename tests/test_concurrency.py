@@ -13,7 +13,7 @@ import torch
 from lib.inference.engine import Engine
 from lib.infers.vista3d import Vista3DInfer
 from lib.labels import load_label_dictionary
-from lib.model import load_model
+from lib.model import load_model, patch_size_for
 from lib.sessions import SessionStore
 from lib.zero_shot import ZeroShotRegistry
 
@@ -27,7 +27,7 @@ CASES = ("STS_004", "STS_005")
 def make_task(tmp_path: Path) -> Vista3DInfer:
     torch.manual_seed(0)
     model = load_model("small", "starter", tmp_path, torch.device("cpu"))
-    engine = Engine(model, (96, 96, 96), LABELS.sw_overlap, LABELS.special, "fp32")
+    engine = Engine(model, patch_size_for("small"), LABELS.sw_overlap, LABELS.special, "fp32")
     return Vista3DInfer(engine, LABELS, ZeroShotRegistry(None), SessionStore(2**32))
 
 

@@ -30,6 +30,9 @@ from lib.trainers.tasks import PointTrainTask, Trained, replay_weights
 from .conftest import ROOT, STS
 
 SARCOMA = 133
+# Simulated clicks per scored object: a first click and one correction exercise the whole scoring path
+# (the default 5 only adds corrections), and the starter and random weights are far apart after two.
+GATE_CLICKS = 2
 
 
 def test_split_is_persisted_grows_and_never_reshuffles(tmp_path: Path) -> None:
@@ -186,7 +189,7 @@ def test_a_clearly_worse_candidate_is_refused_and_recorded(tmp_path: Path) -> No
     task, ds, store, _ = _round(tmp_path, "starter")
     assert len(pending_labels(ds, store)) == 3
     _replace_training(task, None)
-    result = task({"crop": 64}, ds)
+    result = task({"crop": 64, "clicks": GATE_CLICKS}, ds)
     assert result["served_validation"]["images"] == ["STS_002"] and result["served_validation"]["objects"] == 1
     assert result["promoted"] is None and store.served().version == 0 and "worse" in result["reason"]
     gate = result["gate"]
@@ -202,7 +205,7 @@ def test_a_clearly_better_candidate_is_promoted_on_one_validation_label(tmp_path
     """Served: random weights. The round yields the shipped starter: promoted at once, served next."""
     task, ds, store, reloader = _round(tmp_path, str(test_weights))
     _replace_training(task, STARTER_WEIGHTS)
-    result = task({"crop": 64}, ds)
+    result = task({"crop": 64, "clicks": GATE_CLICKS}, ds)
     assert result["promoted"] == 1 and store.served().version == 1, result["reason"]
     assert result["gate"]["validation"]["better"] == 1
     stamps = {f"{c}@{os.stat(ds.get_label_uri(c, 'final')).st_mtime_ns}" for c in ("STS_001", "STS_003")}
@@ -212,7 +215,8 @@ def test_a_clearly_better_candidate_is_promoted_on_one_validation_label(tmp_path
 
 def test_a_round_checks_its_training_labels_and_lets_the_gate_decide(tmp_path: Path) -> None:
     task, ds, store, _ = _round(tmp_path, "starter")
-    result = task({"steps": 2, "check_every": 1, "patience": 1, "crop": 64, "lr": 1e-4}, ds)
+    request = {"steps": 2, "check_every": 1, "patience": 1, "crop": 64, "lr": 1e-4, "clicks": GATE_CLICKS}
+    result = task(request, ds)
     early = result["early_stop"]
     assert [c[0] for c in early["checks"]][:2] == [0, 1], "a baseline, then a check after each step"
     assert result["lr"] == 1e-4, "no label learned yet: the base rate"

@@ -151,7 +151,8 @@ def test_sigkill_mid_training_loses_nothing_and_the_next_round_runs(manual_serve
     response = infer_json(server.url, "STS_003", {"label": "sarcoma", "foreground": [deepest_voxel(gtv)]})
     assert response.status_code == 200 and response.json()["weights_version"].startswith("small:"), response.text
 
-    response = requests.post(f"{server.url}/train/point", json={"steps": 2, "crop": 64}, timeout=60)
+    # Two clicks per scored object: the round is scored and gated as any other, in fewer clicks.
+    response = requests.post(f"{server.url}/train/point", json={"steps": 2, "crop": 64, "clicks": 2}, timeout=60)
     assert response.status_code == 200, response.text
     _wait(lambda: _train_status(server) in ("ERROR", "DONE"), 400, "the second round", server)
     assert _train_status(server) == "DONE", server.log_text()[-4000:]

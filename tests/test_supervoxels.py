@@ -22,14 +22,18 @@ from lib.supervoxels.slic import SlicConfig, outside_air
 
 from .conftest import ROOT, STS
 
+# SAM's own 1024² input costs a 4096-token attention per slice; the feature code reads the input size
+# from the encoder (resize, pad, the valid part of the decoder's features), so 256² runs the same path.
+SAM_INPUT = 256
+
 
 def tiny_sam() -> Sam:
-    """SAM's architecture at 1024² input with a 2-block, 64-wide encoder: the real code path, fast."""
+    """SAM's architecture at 256² input with a 2-block, 64-wide encoder: the real code path, fast."""
     torch.manual_seed(0)
     encoder = ImageEncoderViT(
         depth=2,
         embed_dim=64,
-        img_size=1024,
+        img_size=SAM_INPUT,
         mlp_ratio=2,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         num_heads=2,
@@ -41,7 +45,10 @@ def tiny_sam() -> Sam:
         out_chans=256,
     )
     prompt = PromptEncoder(
-        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+        embed_dim=256,
+        image_embedding_size=(SAM_INPUT // 16, SAM_INPUT // 16),
+        input_image_size=(SAM_INPUT, SAM_INPUT),
+        mask_in_chans=16,
     )
     decoder = MaskDecoder(
         num_multimask_outputs=3,

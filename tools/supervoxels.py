@@ -13,8 +13,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "vista3d"))
 
 from lib.supervoxels.generate import generate
@@ -37,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.studies.is_dir():
         p.error(f"no datastore folder {args.studies}")
     if args.threads:
+        import torch  # only here and for SAM: the low-level mode runs without loading it
+
         torch.set_num_threads(args.threads)
     sam = None
     if args.sam_checkpoint:

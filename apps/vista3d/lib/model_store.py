@@ -20,12 +20,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .atomic import write_json
-from .model import LoadedModel, build_network, load_state, save_state
+
+if TYPE_CHECKING:  # torch and MONAI load only where weights are written or read: the rollback tool needs neither
+    import torch
+
+    from .model import LoadedModel
 
 __all__ = ["ModelReloader", "ModelStore", "ServedVersion"]
 
@@ -109,6 +111,8 @@ class ModelStore:
         ``seen`` are the label stamps this round looked at (training and validation): the learning
         loop counts only labels no round has seen as pending.
         """
+        from .model import save_state
+
         m = self.manifest()
         version = max(int(v["version"]) for v in m["versions"]) + 1
         file = f"v{version}.pt"
@@ -197,6 +201,8 @@ class ModelReloader:
             served = self.store.served()
             swapped = served.version != self.model.served_version
             if swapped:
+                from .model import build_network, load_state
+
                 path = self.store.path_of(served)
                 network = build_network(self.model.preset)
                 if path is not None:
