@@ -25,11 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "apps" / "vista3d"))
 
-from lib.data.ct_import import CtSeries, StudyInputError, read_inputs  # noqa: E402
+from lib.data.ct_import import NIFTI_SUFFIXES, CtSeries, StudyInputError, read_inputs  # noqa: E402
+from lib.server.launch import EMBEDDED_ORTHANC  # noqa: E402
 
 logger = logging.getLogger("add_study")
 
-DEFAULT_STUDIES = "http://127.0.0.1:8042/dicom-web"  # the Orthanc `make serve` starts
+DEFAULT_STUDIES = EMBEDDED_ORTHANC  # the Orthanc `make serve` starts
 BATCH = 32  # instances per STOW-RS request: bounded memory, few round trips
 
 
@@ -46,7 +47,7 @@ def _to_folder(series: CtSeries, folder: Path) -> Path:
     import SimpleITK as sitk
 
     source = Path(series.source)
-    if source.is_file() and source.name.lower().endswith((".nii", ".nii.gz")):
+    if source.is_file() and source.name.lower().endswith(NIFTI_SUFFIXES):
         dest = folder / (source.name if source.name.endswith(".gz") else f"{source.name}.gz")
 
         def write(tmp: Path) -> None:  # the file as it is: its header is the user's

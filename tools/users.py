@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "vista3d"))
 
 from lib.server.users import Role, UserError, UserStore
-from lib.settings import state_dir
+from lib.settings import users_path
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "vista3d"
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    store = UserStore(args.users or state_dir(args.studies, APP_DIR) / "users.json")
+    store = UserStore(users_path(args.users, args.studies, APP_DIR))
     try:
         if args.action == "add":
             store.add(args.name, Role.parse(args.role), _read_password())

@@ -38,7 +38,7 @@ from lib.server.launch import EDGE_ENV, bind_host, bind_port, getting_started, i
 from lib.server.threads import in_background_process, yield_to_serving
 from lib.server.users import UserStore
 from lib.sessions import SessionStore
-from lib.settings import Settings, state_dir
+from lib.settings import Settings, state_dir, users_path
 from lib.trainers.tasks import AutoTrainTask, PointTrainTask
 from lib.zero_shot import ZeroShotRegistry
 
@@ -153,7 +153,7 @@ class MyApp(MONAILabelApp):
             start_training=self._start_point_training,
         )
         self.loop.on_label_saved()  # labels submitted while the server was down
-        users = UserStore(self.settings.users or state_dir(self.studies, self.app_dir) / "users.json")
+        users = UserStore(users_path(self.settings.users, self.studies, self.app_dir))
         for line in getting_started(bind_host(), bind_port(), self.studies, len(users), self.settings.auth):
             logger.info("%s", line)
 

@@ -11,7 +11,7 @@ from .cores import available_cores
 # What --conf precision and auto_precision take (lib.inference.precision resolves "auto").
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-__all__ = ["AUTH_MODES", "PRECISIONS", "PRESETS", "Settings", "state_dir"]
+__all__ = ["AUTH_MODES", "PRECISIONS", "PRESETS", "Settings", "state_dir", "users_path"]
 
 PRESETS = ("small", "vista3d")
 AUTH_MODES = ("auto", "on", "off")
@@ -25,6 +25,14 @@ def state_dir(studies: str, app_dir: str | Path) -> Path:
     if studies.startswith(("http://", "https://")):
         return Path(app_dir) / "model"
     return Path(studies) / ".vista3d"
+
+
+def users_path(users: str | Path | None, studies: str, app_dir: str | Path) -> Path:
+    """The user store: ``--conf users`` when given, else ``users.json`` in the state folder (:func:`state_dir`).
+
+    The server's edge, its start log and ``tools/users.py`` all read this one path.
+    """
+    return Path(users) if users else state_dir(studies, app_dir) / "users.json"
 
 
 def _parse_positive_int(key: str, value: str) -> int:

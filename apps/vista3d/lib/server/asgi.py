@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute
 from ..cores import available_cores
 from ..inference.auto_infer import window_workers
 from ..model import patch_size_for
-from ..settings import Settings, state_dir
+from ..settings import Settings, users_path
 from .access import RULES
 from .auth import Authenticator, Identity
 from .datastore_routes import datastore_router
@@ -87,7 +87,7 @@ class Edge:
     def __init__(self, settings: Settings, studies: str, app_dir: str, host: str) -> None:
         self.settings = settings
         self.network = not is_loopback(host)
-        users = Path(settings.users) if settings.users else state_dir(studies, app_dir) / "users.json"
+        users = users_path(settings.users, studies, app_dir)
         issuer = TokenIssuer.from_key_file(users.parent / "auth_key", settings.token_hours * 3600)
         self.auth = Authenticator(UserStore(users), issuer, settings.auth, self.network)
         # as many as Engine.auto's pool (one per core at most), fewer when `threads` is set lower
