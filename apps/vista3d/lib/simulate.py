@@ -23,6 +23,7 @@ from .prompts import PointPrompt
 from .sessions import ImageState
 
 __all__ = [
+    "challenge_click",
     "clicks_to_dice",
     "deepest_voxel",
     "dice",
@@ -38,10 +39,26 @@ __all__ = [
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every voxel of ``mask`` (the whole array when it is empty).
+
+    The annotator's transforms run on this box: a distance transform or a component labelling of a
+    mask gives the same answer inside its bounding box as on the whole volume (ties fall the same
+    way, C order is kept), at a fraction of the cost on a volume much larger than the object.
+    """
+    axes = [np.flatnonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i))) for i in range(mask.ndim)]
+    if any(len(a) == 0 for a in axes):
+        return tuple(slice(None) for _ in range(mask.ndim))
+    return tuple(slice(int(a[0]), int(a[-1]) + 1) for a in axes)
+
+
 def deepest_voxel(mask: np.ndarray) -> np.ndarray:
     """The voxel farthest from the mask's boundary: where an annotator clicks."""
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
-    return np.asarray(np.unravel_index(int(np.argmax(dist)), mask.shape))
+    box = _bounding_box(mask)
+    sub = mask[box]
+    dist = ndimage.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1, 1:-1]
+    offset = np.asarray([s.start or 0 for s in box])
+    return np.asarray(np.unravel_index(int(np.argmax(dist)), sub.shape)) + offset
 
 
 def largest_error(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
@@ -49,8 +66,10 @@ def largest_error(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray
 
     None when the prediction is perfect.
     """
+    box = _bounding_box(prediction | truth)
+    pred, true = prediction[box], truth[box]
     best: tuple[int, np.ndarray, bool] | None = None
-    for region, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
+    for region, positive in ((true & ~pred, True), (pred & ~true, False)):
         labelled, n = ndimage.label(region, structure=STRUCTURE_26)
         if n == 0:
             continue
@@ -58,13 +77,49 @@ def largest_error(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray
         k = int(np.argmax(sizes))
         if best is None or sizes[k] > best[0]:
             best = (int(sizes[k]), labelled == k + 1, positive)
-    return None if best is None else (best[1], best[2])
+    if best is None:
+        return None
+    region = np.zeros(truth.shape, dtype=bool)
+    region[box] = best[1]
+    return region, best[2]
 
 
 def next_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
     """A click at the centre of the largest error region: positive on missed foreground, else negative."""
     error = largest_error(prediction, truth)
     return None if error is None else (deepest_voxel(error[0]), error[1])
+
+
+# CVPR25_iter_eval.py calls np.random.seed(42) before each tie-break among the error centre's voxels.
+CHALLENGE_SEED = 42
+
+
+def challenge_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """The next click of the CVPR 2025 interactive 3D segmentation challenge (its ``CVPR25_iter_eval.py``).
+
+    Missed foreground and false positives form one error mask (``prediction != truth``); its largest
+    26-connected component is clicked at its maximum Euclidean distance transform (voxel units, the
+    volume's border counting as outside), the tie among equal maxima drawn as the challenge draws it
+    (a NumPy RandomState seeded 42, candidates in the challenge's (z, y, x) array order, from
+    ``prediction``/``truth`` in (x, y, z) NIfTI order). The click is positive when ``truth`` is
+    foreground at that voxel. From an empty prediction this is the first click (the challenge's cases
+    without a box). None when the prediction is perfect.
+
+    Unlike :func:`next_click`, which labels missed foreground and false positives apart and signs the
+    click by the kind of the larger, adjacent errors of both kinds here form one component.
+    """
+    labelled, n = ndimage.label(prediction != truth, structure=STRUCTURE_26)
+    if n == 0:
+        return None
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    k = int(np.argmax(sizes))
+    box = ndimage.find_objects(labelled, max_label=k)[k - 1]
+    component = labelled[box] == k
+    dist = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1, 1:-1]
+    ties = np.argwhere(dist.transpose(2, 1, 0) == dist.max())[:, ::-1]  # (z, y, x) order, back to (x, y, z)
+    voxel = ties[np.random.RandomState(CHALLENGE_SEED).choice(len(ties))] + [s.start for s in box]
+    return voxel, bool(truth[tuple(voxel)])
 
 
 def scoring_engine(
