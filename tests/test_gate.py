@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lib.model import build_network
@@ -15,17 +16,32 @@ def scores(values: list[float], prefix: str = "v") -> dict[str, float]:
     return {f"{prefix}{i}#133": v for i, v in enumerate(values)}
 
 
-def test_a_clearly_better_candidate_on_one_validation_label_is_promoted() -> None:
-    """The old gate compared two means and refused such a candidate on one label; now one label cannot refuse."""
-    decision = decide((scores([0.55]), scores([0.50])), (scores([0.2, 0.3], "n"), scores([0.6, 0.7], "n")), CONFIG)
-    assert decision.promote and "too few validation objects" in decision.reason
-    assert decision.validation is not None and decision.validation.objects == 1
-    assert decision.new_labels is not None and decision.new_labels.better == 2
+def test_few_unseen_objects_promote_unless_worse_beyond_the_tolerance() -> None:
+    """One validation label cannot refuse a candidate that is better on the held-back labels: the old gate
+    compared two means and refused such a candidate; the evidence is shown per source and pooled."""
+    decision = decide((scores([0.55]), scores([0.50])), (scores([0.2, 0.3], "h"), scores([0.6, 0.7], "h")), CONFIG)
+    assert decision.promote and "too few objects" in decision.reason
+    assert "1 validation + 2 held-back objects" in decision.reason
+    assert decision.validation is not None and (decision.validation.objects, decision.validation.worse) == (1, 1)
+    assert decision.held_back is not None and (decision.held_back.objects, decision.held_back.better) == (2, 2)
+    assert decision.pooled is not None and decision.pooled.objects == 3
+    assert decision.pooled.mean == pytest.approx((0.4 + 0.4 - 0.05) / 3)
 
 
 def test_a_clearly_worse_candidate_is_refused_on_few_labels() -> None:
-    decision = decide((scores([0.6]), scores([0.3])), (scores([0.5, 0.6], "n"), scores([0.1, 0.2], "n")), CONFIG)
-    assert not decision.promote and "worse on 1 validation + 2 new-label objects" in decision.reason
+    decision = decide((scores([0.6]), scores([0.3])), (scores([0.5, 0.6], "h"), scores([0.1, 0.2], "h")), CONFIG)
+    assert not decision.promote and "worse on 1 validation + 2 held-back objects" in decision.reason
+
+
+def test_held_back_objects_join_validation_for_the_confidence_bound() -> None:
+    """Two validation objects alone are too few for a bound; three held-back ones make five, enough to refuse."""
+    val = (scores([0.60, 0.70]), scores([0.50, 0.62]))
+    held = (scores([0.50, 0.65, 0.55], "h"), scores([0.41, 0.55, 0.47], "h"))
+    decision = decide(val, held, CONFIG)
+    assert not decision.promote and "worse with confidence on 2 validation + 3 held-back objects" in decision.reason
+    assert decision.pooled is not None and decision.pooled.objects == 5 and decision.pooled.upper < 0
+    alone = decide(val, ({}, {}), CONFIG)
+    assert "worse on 2 validation + 0 held-back objects" in alone.reason and "confidence" not in alone.reason
 
 
 def test_worse_with_confidence_on_enough_validation_objects_is_refused() -> None:
@@ -34,20 +50,31 @@ def test_worse_with_confidence_on_enough_validation_objects_is_refused() -> None
     decision = decide((served, candidate), ({}, {}), CONFIG)
     assert not decision.promote and "with confidence" in decision.reason
     assert decision.validation is not None and decision.validation.upper < 0 and decision.validation.worse == 5
+    assert decision.held_back is None
 
 
 def test_a_mixed_result_on_enough_objects_is_not_worse_with_confidence() -> None:
-    served = scores([0.60, 0.70, 0.50, 0.65, 0.55])
-    candidate = scores([0.40, 0.80, 0.60, 0.50, 0.70])  # mean -0.0 but noisy
-    decision = decide((served, candidate), ({}, {}), CONFIG)
-    assert decision.promote and decision.validation is not None and decision.validation.upper > 0
+    served = scores([0.60, 0.70, 0.50])
+    candidate = scores([0.40, 0.80, 0.60])
+    held = (scores([0.65, 0.55], "h"), scores([0.50, 0.70], "h"))  # mean -0.0 but noisy
+    decision = decide((served, candidate), held, CONFIG)
+    assert decision.promote and decision.pooled is not None and decision.pooled.upper > 0
+    assert "not worse with confidence" in decision.reason
 
 
 def test_no_objects_no_promotion_and_evidence_is_reported() -> None:
     decision = decide(({}, {}), ({}, {}), CONFIG)
-    assert not decision.promote and decision.as_dict()["validation"] is None
-    report = decide((scores([0.5]), scores([0.6])), ({}, {}), CONFIG).as_dict()
-    assert report["validation"] == {"objects": 1, "mean": 0.1, "upper": 0.1, "better": 1, "worse": 0}
+    assert not decision.promote and "no unseen labelled objects" in decision.reason
+    assert decision.as_dict() == {
+        "promote": False,
+        "reason": decision.reason,
+        "validation": None,
+        "held_back": None,
+        "pooled": None,
+    }
+    report = decide(({}, {}), (scores([0.5], "h"), scores([0.6], "h")), CONFIG).as_dict()
+    assert report["validation"] is None
+    assert report["held_back"] == report["pooled"] == {"objects": 1, "mean": 0.1, "upper": 0.1, "better": 1, "worse": 0}
 
 
 def test_round_learning_rate_falls_with_the_labels_learned() -> None:
@@ -86,6 +113,7 @@ def test_early_stop_keeps_the_best_state_and_stops_after_patience() -> None:
     early.restore_best()
     assert torch.equal(next(network.parameters()), best)
     assert early.summary()["checks"] == [[0, 0.4], [10, 0.5], [20, 0.6], [30, 0.55], [40, 0.58]]
+    assert early.summary()["images"] == ["a", "b"], "the images the early stop scored"
 
 
 def test_a_round_that_never_beats_its_baseline_offers_its_best_check_to_the_gate() -> None:

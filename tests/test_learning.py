@@ -24,7 +24,7 @@ from lib.trainers.data import CachedVolume
 from lib.trainers.labelled import final_labels, load_final_volumes
 from lib.trainers.request import TrainRequest
 from lib.trainers.schedule import TrainStats
-from lib.trainers.split import ValidationSplit
+from lib.trainers.split import ValidationSplit, hold_back
 from lib.trainers.tasks import PointTrainTask, Trained, replay_weights
 
 from .conftest import ROOT, STS
@@ -95,6 +95,7 @@ def test_replay_gives_new_labels_their_share() -> None:
         ({"crop": 50}, "crop must be a multiple of 16"),
         ({"train_encoder": "maybe"}, "train_encoder must be a bool"),
         ({"steps": 2.5}, "steps must be a int"),
+        ({"holdback": 0}, "holdback must be at least 1"),
     ],
 )
 def test_bad_train_requests_name_the_problem(request_: dict, message: str) -> None:
@@ -103,9 +104,12 @@ def test_bad_train_requests_name_the_problem(request_: dict, message: str) -> No
 
 
 def test_train_request_defaults_come_from_settings_and_the_window() -> None:
-    settings = Settings.from_conf({"train_steps": "7"})
+    settings = Settings.from_conf({"train_steps": "7", "train_holdback": "2"})
     req = TrainRequest.parse({"model": "point", "train_encoder": "false"}, settings, 128)
-    assert req.steps == 7 and req.train_encoder is False and req.tolerance == 0.01
+    assert req.steps == 7 and req.train_encoder is False and req.tolerance == 0.01 and req.holdback == 2
+    assert TrainRequest.parse({}, Settings.from_conf({}), 64).holdback == 1
+    with pytest.raises(ValueError, match="train_holdback must be at least 1"):
+        Settings.from_conf({"train_holdback": "0"})
     assert req.crop == 128, "crops default to the served window (the point head's positional encoding scale)"
 
 
@@ -143,23 +147,34 @@ def test_loop_debounces_a_burst_into_one_training() -> None:
     loop.stop()
 
 
-def _datastore_with_final_labels(root: Path, cases: list[str]) -> SafeLocalDatastore:
-    """Sarcoma CT linked in, GTVs saved as final labels under the zero-shot id 133."""
+def _datastore_with_final_labels(root: Path, cases: list[str], unlabelled: tuple[str, ...] = ()) -> SafeLocalDatastore:
+    """Sarcoma CT linked in, GTVs of ``cases`` saved as final labels (in that order) under the zero-shot id 133."""
     root.mkdir(parents=True, exist_ok=True)
-    for case in cases:
+    for case in [*cases, *unlabelled]:
         os.symlink(STS / f"{case}_ct.nii.gz", root / f"{case}.nii.gz")
     ds = SafeLocalDatastore(str(root), extensions=["*.nii.gz"], auto_reload=False)
     for case in cases:
-        gtv = nib.load(str(STS / f"{case}_gtv.nii.gz"))
-        label = root.parent / f"{case}_label.nii.gz"
-        nib.save(nib.Nifti1Image((np.asarray(gtv.dataobj) > 0).astype(np.uint8) * SARCOMA, gtv.affine), label)
-        ds.save_label(case, str(label), "final", {})
+        _save_final(ds, root, case)
     return ds
 
 
-def _round(tmp_path: Path, weights: str) -> tuple[PointTrainTask, SafeLocalDatastore, ModelStore, ModelReloader]:
-    """A point round's task over three final labels (STS_002 becomes the one validation label)."""
-    ds = _datastore_with_final_labels(tmp_path / "studies", ["STS_001", "STS_002", "STS_003"])
+def _save_final(ds: SafeLocalDatastore, root: Path, case: str) -> None:
+    gtv = nib.load(str(STS / f"{case}_gtv.nii.gz"))
+    label = root.parent / f"{case}_label.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(gtv.dataobj) > 0).astype(np.uint8) * SARCOMA, gtv.affine), label)
+    ds.save_label(case, str(label), "final", {})
+
+
+def _stamp(ds: SafeLocalDatastore, case: str) -> str:
+    return f"{case}@{os.stat(ds.get_label_uri(case, 'final')).st_mtime_ns}"
+
+
+def _round(
+    tmp_path: Path, weights: str, cases: tuple[str, ...] = ("STS_001", "STS_002", "STS_003"), unlabelled: tuple = ()
+) -> tuple[PointTrainTask, SafeLocalDatastore, ModelStore, ModelReloader]:
+    """A point round's task over final labels: STS_002 becomes the one validation label, and of three the
+    newest, STS_003, is held back from training."""
+    ds = _datastore_with_final_labels(tmp_path / "studies", list(cases), unlabelled)
     settings = Settings.from_conf({"weights": weights, "train_steps": "2"})
     model = load_model("small", weights, tmp_path, torch.device("cpu"))
     store = ModelStore(tmp_path / "studies" / ".vista3d" / "models")
@@ -172,20 +187,26 @@ def _round(tmp_path: Path, weights: str) -> tuple[PointTrainTask, SafeLocalDatas
     )
 
 
-def _replace_training(task: PointTrainTask, weights: Path | None) -> None:
-    """The round's training replaced by loading ``weights`` (None: seeded random ones) into the candidate."""
+def _replace_training(task: PointTrainTask, weights: Path | None) -> list[tuple[list[str], set[str]]]:
+    """The round's training replaced by loading ``weights`` (None: seeded random ones) into the candidate.
+
+    Returns the list to which each round appends (the image ids it trained on, the new ones among them).
+    """
+    calls: list[tuple[list[str], set[str]]] = []
 
     def train(network, volumes, sampling, req, items, new):  # type: ignore[no-untyped-def]
+        calls.append(([f.image_id for f in items], set(new)))
         torch.manual_seed(1)
         network.load_state_dict(build_network("small").state_dict() if weights is None else torch.load(weights))
-        return Trained(TrainStats(1, 0.0, 1.0, 1.0, False), task._new_label_scores(network, items, new, req))
+        return Trained(TrainStats(1, 0.0, 1.0, 1.0, False))
 
     task.train = train  # type: ignore[method-assign]
+    return calls
 
 
 def test_a_clearly_worse_candidate_is_refused_and_recorded(tmp_path: Path) -> None:
     """Served: the shipped starter. The round "breaks" the network (random weights): refused on one
-    validation label and two new labels, nothing written, the round and its evidence recorded."""
+    validation label and the held-back label, nothing written, the round and its evidence recorded."""
     task, ds, store, _ = _round(tmp_path, "starter")
     assert len(pending_labels(ds, store)) == 3
     _replace_training(task, None)
@@ -193,23 +214,27 @@ def test_a_clearly_worse_candidate_is_refused_and_recorded(tmp_path: Path) -> No
     assert result["served_validation"]["images"] == ["STS_002"] and result["served_validation"]["objects"] == 1
     assert result["promoted"] is None and store.served().version == 0 and "worse" in result["reason"]
     gate = result["gate"]
-    assert (
-        gate["validation"]["objects"] == 1 and gate["new_labels"]["objects"] == 2 and gate["new_labels"]["worse"] == 2
-    )
+    assert gate["validation"]["objects"] == 1 and gate["pooled"]["objects"] == 2
+    assert gate["held_back"]["objects"] == 1 and gate["held_back"]["worse"] == 1
+    held = result["held_back"]
+    assert held["images"] == ["STS_003"] and set(held["served"]) == set(held["candidate"]) == {"STS_003#133"}
+    assert held["candidate"]["STS_003#133"] < held["served"]["STS_003#133"], "the served model's score, recorded"
     assert not list(store.root.glob("v*.pt"))
     assert pending_labels(ds, store) == [], "a finished round has seen every label"
     assert store.manifest()["rounds"][-1]["gate"] == gate
 
 
-def test_a_clearly_better_candidate_is_promoted_on_one_validation_label(tmp_path: Path, test_weights: Path) -> None:
-    """Served: random weights. The round yields the shipped starter: promoted at once, served next."""
+def test_a_clearly_better_candidate_is_promoted_without_learning_its_held_back_label(
+    tmp_path: Path, test_weights: Path
+) -> None:
+    """Served: random weights. The round yields the shipped starter: promoted at once, served next; the
+    held-back STS_003 is not among the labels the new version learned from."""
     task, ds, store, reloader = _round(tmp_path, str(test_weights))
     _replace_training(task, STARTER_WEIGHTS)
     result = task({"crop": 64, "clicks": GATE_CLICKS}, ds)
     assert result["promoted"] == 1 and store.served().version == 1, result["reason"]
-    assert result["gate"]["validation"]["better"] == 1
-    stamps = {f"{c}@{os.stat(ds.get_label_uri(c, 'final')).st_mtime_ns}" for c in ("STS_001", "STS_003")}
-    assert set(store.served().trained_on) == stamps
+    assert result["gate"]["validation"]["better"] == 1 and result["gate"]["held_back"]["better"] == 1
+    assert store.served().trained_on == [_stamp(ds, "STS_001")], "the held-back STS_003 is not learned"
     assert reloader.refresh() and task.model.version == "small:v1"
 
 
@@ -218,11 +243,87 @@ def test_a_round_checks_its_training_labels_and_lets_the_gate_decide(tmp_path: P
     request = {"steps": 2, "check_every": 1, "patience": 1, "crop": 64, "lr": 1e-4, "clicks": GATE_CLICKS}
     result = task(request, ds)
     early = result["early_stop"]
+    assert early["images"] == ["STS_001"], "the early stop scores training labels, never the held-back STS_003"
     assert [c[0] for c in early["checks"]][:2] == [0, 1], "a baseline, then a check after each step"
     assert result["lr"] == 1e-4, "no label learned yet: the base rate"
     assert early["best_step"] >= 1, "the best checked state is the candidate, never the untrained one"
     assert early["improved"] == (early["best"] > early["baseline"] + 0.002)
     assert result["gate"]["reason"] == result["reason"], "the gate decides every round"
+
+
+class _Label:
+    """What :func:`hold_back` reads of a final label."""
+
+    def __init__(self, image_id: str, mtime_ns: int) -> None:
+        self.image_id, self.mtime_ns, self.stamp = image_id, mtime_ns, f"{image_id}@{mtime_ns}"
+
+
+def test_hold_back_keeps_the_newest_unlearned_labels_out_of_training() -> None:
+    items = [_Label("a", 1), _Label("c", 5), _Label("b", 3), _Label("d", 2)]
+    held, train = hold_back(items, {"c@5"}, 1)  # type: ignore[arg-type]
+    assert [f.image_id for f in held] == ["b"], "c is newer but learned"
+    assert [f.image_id for f in train] == ["a", "c", "d"], "the rest, in their order"
+    held, train = hold_back(items, {"c@5"}, 2)  # type: ignore[arg-type]
+    assert [f.image_id for f in held] == ["d", "b"] and [f.image_id for f in train] == ["a", "c"]
+    held, train = hold_back(items, {f.stamp for f in items}, 1)  # type: ignore[arg-type]
+    assert held == [] and len(train) == 4, "nothing new, nothing held back"
+    with pytest.raises(ValueError, match="at least 1"):
+        hold_back(items, set(), 0)  # type: ignore[arg-type]
+
+
+def _score_by_model(task: PointTrainTask) -> None:
+    """Scoring replaced: 0.5 per object for the served network, 0.6 for a candidate (no images are read)."""
+
+    def score(network, items, req):  # type: ignore[no-untyped-def]
+        value = 0.5 if network is task.model.network else 0.6
+        per_object = {f"{f.image_id}#{SARCOMA}": value for f in items}
+        return {"images": sorted(f.image_id for f in items), "objects": len(items), "per_object": per_object}
+
+    task.score = score  # type: ignore[method-assign]
+
+
+def _no_volumes(labels, pre, studies):  # type: ignore[no-untyped-def]
+    return [CachedVolume(f.image_id, torch.zeros(1), torch.zeros(1)) for f in labels]
+
+
+def test_a_held_back_label_is_trained_on_in_the_next_round(
+    tmp_path: Path, test_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 1 holds back its newest label (STS_003) and trains without it; round 2, after STS_004 is
+    submitted, trains on STS_003 and holds back STS_004."""
+    monkeypatch.setattr("lib.trainers.tasks.load_final_volumes", _no_volumes)
+    task, ds, store, reloader = _round(tmp_path, str(test_weights), unlabelled=("STS_004",))
+    calls = _replace_training(task, STARTER_WEIGHTS)
+    _score_by_model(task)
+    first = task({"crop": 64}, ds)
+    assert calls[0] == (["STS_001"], {"STS_001"}) and first["promoted"] == 1, first["reason"]
+    assert first["held_back"] == {
+        "images": ["STS_003"],
+        "served": {"STS_003#133": 0.5},
+        "candidate": {"STS_003#133": 0.6},
+    }
+    assert first["train_labels"] == 1 and first["new_labels"] == 1
+    assert pending_labels(ds, store) == [], "held back is seen: it does not trigger a round by itself"
+
+    assert reloader.refresh(), "the server serves v1 before the next round"
+    _save_final(ds, tmp_path / "studies", "STS_004")
+    second = task({"crop": 64}, ds)
+    assert calls[1] == (["STS_001", "STS_003"], {"STS_003"}), "the held-back label is new in the next round"
+    assert second["held_back"]["images"] == ["STS_004"] and second["promoted"] == 2
+    assert set(store.served().trained_on) == {_stamp(ds, "STS_001"), _stamp(ds, "STS_003")}
+
+
+def test_a_round_whose_only_new_label_is_held_back_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One training label (STS_002 is validation): it is scored by the served model, nothing trains."""
+    monkeypatch.setattr("lib.trainers.tasks.load_final_volumes", _no_volumes)
+    task, ds, store, _ = _round(tmp_path, "none", cases=("STS_001", "STS_002"))
+    calls = _replace_training(task, None)
+    _score_by_model(task)
+    result = task({"crop": 64}, ds)
+    assert calls == [] and result["promoted"] is None and store.served().version == 0
+    assert result["reason"].startswith("skipped") and "STS_001" in result["reason"]
+    assert result["held_back"] == {"images": ["STS_001"], "served": {"STS_001#133": 0.5}, "candidate": None}
+    assert store.manifest()["rounds"][-1]["reason"] == result["reason"] and pending_labels(ds, store) == []
 
 
 def test_rollback_tool_serves_the_previous_version(tmp_path: Path) -> None:

@@ -102,6 +102,9 @@ class Settings:
         train_lr: base peak learning rate of a round (it falls as the served model has learned more labels).
         train_patience: early-stop checks without a better training-label score before a point round
             stops; 0 runs every step and lets the gate decide alone.
+        train_holdback: a round's newest final labels (not yet learned by the served version) it keeps
+            out of its training, so that the gate judges the candidate on them; the next round trains
+            on them (at least 1; see ``lib.trainers.split.hold_back``).
         model_store: folder of learned versions, the validation split and the manifest; default
             ``<studies>/.vista3d/models`` (the app's ``model/`` folder for a DICOMweb datastore).
         auth: ``auto`` (the default: sign-in is required as soon as the user store holds a user),
@@ -136,6 +139,7 @@ class Settings:
     promote_tolerance: float = 0.01
     train_lr: float = 1e-3
     train_patience: int = 3
+    train_holdback: int = 1
     model_store: str = ""
     auth: str = "auto"
     users: str = ""
@@ -177,6 +181,7 @@ class Settings:
                 "auto_memory_mb",
                 "train_steps",
                 "train_threads",
+                "train_holdback",
                 "max_points",
                 "zero_shot_names_per_hour",
                 "queue_max",

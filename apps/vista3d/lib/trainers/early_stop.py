@@ -9,7 +9,8 @@ undo it: in the learning curve from earlier start weights, rounds 3 and 4 each f
   the served version has already learned from (``k`` = 5: the second round of five labels runs at
   0.71x, the fifth at 0.45x);
 * :class:`EarlyStop`: every ``every`` steps the candidate answers the simulated annotator on (some of)
-  its training labels, exactly as validation does; the round stops once ``patience`` checks in a row
+  its training labels, exactly as validation does (never on the labels the round holds back for the
+  gate: those are not training labels); the round stops once ``patience`` checks in a row
   did not beat the best score so far (the served model's to begin with), and the best checked state
   becomes the candidate. Whether it beat the served model on its own labels is recorded, but the
   gate decides: in the first learning curve a veto on that score refused all four rounds, among them
@@ -122,7 +123,9 @@ class EarlyStop:
             self.network.load_state_dict(self._best_state)
 
     def summary(self) -> dict[str, object]:
+        """The images scored, the baseline, the best check and every check as ``[step, score]``."""
         return {
+            "images": sorted({key.split("#")[0] for key in self.baseline_scores}),
             "best_step": self.best_step,
             "baseline": round(self.history[0][1], 4) if self.history else None,
             "best": round(self._mean(self.best_scores), 4),

@@ -1,22 +1,24 @@
-"""The promotion gate: paired per-object evidence that a candidate is worse, not a mean over one label.
+"""The promotion gate: paired per-object evidence on labels the candidate has never trained on.
 
 A team's first rounds have one to four validation labels. A mean over so few objects swings by
 more than any tolerance from one case to the next: the gate that compared two means refused, on one
-validation label, a candidate that lifted held-out Dice@1 from 0.19 to 0.55. So:
+validation label, a candidate that lifted held-out Dice@1 from 0.19 to 0.55. The gate that then
+pooled in the round's new training labels judged the candidate on labels it had just trained on,
+and promoted two candidates that were worse on the held-out cases (two of the learning curve's four
+decisions wrong). So "test, then train":
 
-* both models are scored object by object (the same objects, the same simulated clicks), and the
-  gate looks at the paired differences (candidate - served);
-* it refuses on validation only with enough objects (``min_objects``) and when the candidate is
-  worse with confidence: the one-sided bootstrap upper bound of the mean difference is below 0
-  and the mean drop exceeds the tolerance;
-* with fewer validation objects it weighs in the round's new training labels, which the served
-  model has never learned from: the candidate is refused when it is worse by more than the
-  tolerance on the validation and new-label objects pooled. The candidate trained on those labels,
-  so this check cannot show that it generalises; it catches a round that broke the model (worse
-  even on what it was taught), which is what a refusal on scant evidence should be for.
+* every round holds back its newest final label(s) from its training (:func:`.split.hold_back`);
+  they join the next round's training. Served and candidate are scored on them and on the
+  persisted validation split, object by object (the same objects, the same simulated clicks):
+  objects neither model has trained on;
+* the gate looks at the paired differences (candidate - served) over those objects pooled. With
+  at least ``min_objects`` it refuses only when the candidate is worse with confidence: the
+  one-sided bootstrap upper bound of the mean difference is below 0 and the mean drop exceeds the
+  tolerance; with fewer, a mean drop beyond the tolerance refuses.
 
-Every decision carries its evidence (objects, mean difference, bound, wins and losses), which the
-round records and ``/info`` shows as ``learning.last_round``.
+Every decision carries its evidence on validation, on the held-back labels and pooled (objects,
+mean difference, bound, wins and losses), which the round records and ``/info`` shows as
+``learning.last_round.gate``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 
 __all__ = ["Decision", "Evidence", "GateConfig", "decide", "paired_evidence"]
 
+Scores = tuple[Mapping[str, float], Mapping[str, float]]
+
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -36,7 +40,7 @@ class GateConfig:
 
     Attributes:
         tolerance: a mean drop at most this large never refuses.
-        min_objects: validation objects needed before validation alone may refuse (or promote).
+        min_objects: unseen objects (validation and held back) needed before the confidence bound decides.
         confidence: one-sided level of the bootstrap bound.
         resamples: bootstrap resamples (seeded: the same scores give the same decision).
     """
@@ -70,17 +74,32 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Decision:
+    """The gate's answer and its evidence.
+
+    Attributes:
+        promote: whether the candidate replaces the served model.
+        reason: why, in a sentence with the figures.
+        validation: evidence on the validation split's objects.
+        held_back: evidence on the objects of the labels the round held back from its training.
+        pooled: both together: what the decision rests on.
+    """
+
     promote: bool
     reason: str
     validation: Evidence | None
-    new_labels: Evidence | None
+    held_back: Evidence | None
+    pooled: Evidence | None
 
     def as_dict(self) -> dict[str, Any]:
+        def plain(e: Evidence | None) -> dict[str, Any] | None:
+            return e.as_dict() if e is not None else None
+
         return {
             "promote": self.promote,
             "reason": self.reason,
-            "validation": self.validation.as_dict() if self.validation else None,
-            "new_labels": self.new_labels.as_dict() if self.new_labels else None,
+            "validation": plain(self.validation),
+            "held_back": plain(self.held_back),
+            "pooled": plain(self.pooled),
         }
 
 
@@ -107,32 +126,30 @@ def paired_evidence(served: Mapping[str, float], candidate: Mapping[str, float],
     return _evidence(_differences(served, candidate), config)
 
 
-def decide(
-    validation: tuple[Mapping[str, float], Mapping[str, float]],
-    new_labels: tuple[Mapping[str, float], Mapping[str, float]],
-    config: GateConfig,
-) -> Decision:
-    """Promote or not from (served, candidate) per-object scores on validation and on the new labels."""
-    val_diffs = _differences(*validation)
-    new_diffs = _differences(*new_labels)
-    val, new = _evidence(val_diffs, config), _evidence(new_diffs, config)
-    tol = config.tolerance
-    if val is not None and val.objects >= config.min_objects:
-        if val.upper < 0 and val.mean < -tol:
-            reason = (
-                f"worse on {val.objects} validation objects with confidence: mean {val.mean:+.4f}, "
-                f"{config.confidence:.0%} upper bound {val.upper:+.4f} ({val.worse} worse, {val.better} better)"
-            )
-            return Decision(False, reason, val, new)
-        reason = (
-            f"not worse with confidence on {val.objects} validation objects: "
-            f"mean {val.mean:+.4f}, upper bound {val.upper:+.4f}"
-        )
-        return Decision(True, reason, val, new)
-    pooled = _evidence(np.concatenate([val_diffs, new_diffs]), config)
+def decide(validation: Scores, held_back: Scores, config: GateConfig) -> Decision:
+    """Promote or not from (served, candidate) per-object scores on validation and on the held-back labels.
+
+    Both sets must be unseen by the candidate: scores on labels it trained on do not belong here.
+    """
+    val_diffs, held_diffs = _differences(*validation), _differences(*held_back)
+    val, held = _evidence(val_diffs, config), _evidence(held_diffs, config)
+    pooled = _evidence(np.concatenate([val_diffs, held_diffs]), config)
     if pooled is None:
-        return Decision(False, "no labelled objects to compare on yet", val, new)
-    where = f"{len(val_diffs)} validation + {len(new_diffs)} new-label objects"
+        return Decision(False, "no unseen labelled objects to compare on yet", val, held, pooled)
+    where = f"{len(val_diffs)} validation + {len(held_diffs)} held-back objects"
+    tol = config.tolerance
+    if pooled.objects >= config.min_objects:
+        if pooled.upper < 0 and pooled.mean < -tol:
+            reason = (
+                f"worse with confidence on {where}: mean {pooled.mean:+.4f}, {config.confidence:.0%} upper bound "
+                f"{pooled.upper:+.4f} ({pooled.worse} worse, {pooled.better} better)"
+            )
+            return Decision(False, reason, val, held, pooled)
+        reason = f"not worse with confidence on {where}: mean {pooled.mean:+.4f}, upper bound {pooled.upper:+.4f}"
+        return Decision(True, reason, val, held, pooled)
     if pooled.mean < -tol:
-        return Decision(False, f"worse on {where}: mean {pooled.mean:+.4f} (tolerance {tol})", val, new)
-    return Decision(True, f"too few validation objects to refuse; on {where}: mean {pooled.mean:+.4f}", val, new)
+        return Decision(False, f"worse on {where}: mean {pooled.mean:+.4f} (tolerance {tol})", val, held, pooled)
+    reason = (
+        f"too few objects for a confidence bound; not worse beyond the tolerance on {where}: mean {pooled.mean:+.4f}"
+    )
+    return Decision(True, reason, val, held, pooled)

@@ -32,6 +32,8 @@ class TrainRequest:
         check_every: steps between early-stop checks on the training labels (point rounds, one process).
         patience: checks in a row without a better training-label score before a point round stops
             (0: no early stop; the round runs every step and the gate alone decides).
+        holdback: the newest labels the served version has not learned from that the round keeps out of
+            its training and the gate judges the candidate on (with validation); the next round trains on them.
     """
 
     steps: int = 200
@@ -48,6 +50,7 @@ class TrainRequest:
     lr_half_life: int = 5
     check_every: int = 25
     patience: int = 3
+    holdback: int = 1
 
     @classmethod
     def parse(cls, request: dict[str, Any], settings: Settings, window: int) -> TrainRequest:
@@ -60,6 +63,7 @@ class TrainRequest:
             "lr": settings.train_lr,
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
+            "holdback": settings.train_holdback,
             "crop": window,
         }
         for f in fields(cls):
@@ -94,6 +98,8 @@ class TrainRequest:
             problems.append(f"check_every must be at least 1, got {self.check_every}")
         if self.patience < 0:
             problems.append(f"patience must be >= 0, got {self.patience}")
+        if self.holdback < 1:
+            problems.append(f"holdback must be at least 1, got {self.holdback}")
         if problems:
             raise ValueError("bad train request: " + "; ".join(problems))
 

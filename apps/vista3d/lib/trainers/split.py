@@ -5,19 +5,27 @@ yesterday is trained on today and the promotion decision measures memorisation. 
 image is assigned the first time its final label is seen and keeps that assignment for good;
 a new image goes to validation while validation holds fewer than ``fraction`` of all images
 (at least one once there are two), in the order the labels arrived.
+
+Each round also holds back, from the training images, its newest labels that the served version
+has not learned from (:func:`hold_back`): the gate scores served and candidate on them before any
+round trains on them, and the next round trains on them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..atomic import write_json
 
-__all__ = ["Split", "ValidationSplit"]
+if TYPE_CHECKING:
+    from .labelled import FinalLabel
+
+__all__ = ["RoundLabels", "Split", "ValidationSplit", "hold_back", "round_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +68,57 @@ class ValidationSplit:
             write_json(self.path, {"train": train, "validation": validation})
             logger.info("Split: %d train, %d validation (+%d new)", len(train), len(validation), len(added))
         return Split(train, validation)
+
+
+def hold_back(items: Sequence[FinalLabel], learned: set[str], count: int) -> tuple[list[FinalLabel], list[FinalLabel]]:
+    """(held back, to train on): the ``count`` newest labels (by save time) whose stamps are not in ``learned``.
+
+    ``learned`` holds the stamps the served version trained on, so a held-back label (which no
+    version has trained on) is new again in the next round, which trains on it unless it is again
+    among the newest. Labels to train on keep the order of ``items``.
+    """
+    if count < 1:
+        raise ValueError(f"hold back at least 1 label, got {count}")
+    new = sorted((f for f in items if f.stamp not in learned), key=lambda f: (f.mtime_ns, f.image_id))
+    held = new[-count:]
+    stamps = {f.stamp for f in held}
+    return held, [f for f in items if f.stamp not in stamps]
+
+
+@dataclass(frozen=True)
+class RoundLabels:
+    """A round's final labels, split.
+
+    Attributes:
+        train: labels the round trains on (the held-back ones excluded).
+        validation: the persisted validation split's labels.
+        held_back: the newest labels the served version has not learned from, kept out of training.
+        new: image ids in ``train`` the served version has not learned from.
+        learned: how many labels the served version has learned from.
+    """
+
+    train: list[FinalLabel]
+    validation: list[FinalLabel]
+    held_back: list[FinalLabel]
+    new: set[str]
+    learned: int
+
+
+def round_labels(
+    split: ValidationSplit, labelled: Sequence[FinalLabel], trained_on: Sequence[str], holdback: int
+) -> RoundLabels:
+    """Update the validation split with ``labelled`` and hold back the newest unlearned training labels.
+
+    ``trained_on``: the stamps the served version learned from. Raises ValueError when the training
+    split has no label yet.
+    """
+    assigned = split.update(f.image_id for f in labelled)
+    by_id = {f.image_id: f for f in labelled}
+    training = [by_id[i] for i in assigned.train if i in by_id]
+    if not training:
+        raise ValueError("no final labels in the training split yet: submit a label first")
+    learned = set(trained_on)
+    held, train = hold_back(training, learned, holdback)
+    new = {f.image_id for f in train if f.stamp not in learned}
+    validation = [by_id[i] for i in assigned.validation if i in by_id]
+    return RoundLabels(train, validation, held, new, len(learned))

@@ -4,14 +4,23 @@
 (:mod:`.auto_trainer`). A round:
 
 1. collects the datastore's final labels and updates the persisted validation split;
-2. trains a copy of the served network on the training images at a learning rate that falls as the
-   served version has learned more labels; labels it has not learned from get ``1 - replay_share``
-   of the steps, earlier ones the rest (replay); a point round keeps the best state it reached on
-   its training labels and stops when they stop improving (:mod:`.early_stop`);
-3. scores served and candidate object by object on the validation images (and the new training
-   labels) with the server's own inference path;
-4. promotes the candidate through :class:`lib.model_store.ModelStore` unless the gate
-   (:mod:`.gate`) finds it worse, and records the round with the gate's evidence either way.
+2. holds back the newest training label(s) the served version has not learned from
+   (:func:`.split.hold_back`) and scores the served model on them first ("test, then train");
+3. trains a copy of the served network on the other training images at a learning rate that falls
+   as the served version has learned more labels; labels it has not learned from get
+   ``1 - replay_share`` of the steps, earlier ones the rest (replay); a point round keeps the best
+   state it reached on its training labels and stops when they stop improving (:mod:`.early_stop`);
+4. scores served and candidate object by object on the validation images and the held-back labels,
+   which the candidate has not trained on, with the server's own inference path;
+5. promotes the candidate through :class:`lib.model_store.ModelStore` unless the gate
+   (:mod:`.gate`) finds it worse, and records the round with the gate's evidence either way. The
+   held-back labels are not among the new version's ``trained_on``, so the next round trains on them.
+
+A round whose every new training label is held back is skipped (the served model's scores on the
+held-back labels and the reason are recorded, nothing is trained); the next label's round trains on
+them. With no new label to learn from, a round has nothing to add and can only risk what the served
+version learned. A round with no new label at all (a ``/train`` request after everything was
+learned) trains on the learned labels as before, judged on validation alone.
 
 MONAI Label runs ``/train`` in a subprocess, one at a time, so the server keeps answering while a
 round runs, and killing that process (even with SIGKILL) cannot leave a half-written model.
@@ -41,12 +50,12 @@ from .auto_trainer import AutoTrainer
 from .data import CachedVolume, VolumeSampler
 from .distributed import average_gradients, spawn
 from .early_stop import EarlyStop, monitored_labels, round_lr
-from .gate import GateConfig, decide
+from .gate import Decision, GateConfig, decide
 from .labelled import FinalLabel, final_labels, load_final_volumes
 from .point_trainer import PointTrainConfig, PointTrainer
 from .request import TrainRequest
 from .schedule import TrainStats, run_steps, seed_everything
-from .split import ValidationSplit
+from .split import RoundLabels, ValidationSplit, round_labels
 from .supervoxel_objects import SupervoxelSampling
 from .validation import ClickScorer, auto_dice, click_dice
 
@@ -112,17 +121,11 @@ class Trained:
 
     Attributes:
         stats: the loop's figures.
-        new_labels: (served, candidate) per-object scores on the round's new training labels.
         early_stop: the early stop's checks, when one ran.
     """
 
     stats: TrainStats
-    new_labels: tuple[dict[str, float], dict[str, float]]
     early_stop: dict[str, Any] | None = None
-
-
-def _on_images(scores: dict[str, float], images: set[str]) -> dict[str, float]:
-    return {k: v for k, v in scores.items() if k.split("#")[0] in images}
 
 
 class FineTuneTask(TrainTask):
@@ -193,57 +196,88 @@ class FineTuneTask(TrainTask):
         begin = time.perf_counter()
         self.store.remove_temp_files()
         labelled = final_labels(datastore)
-        split = self.split.update(f.image_id for f in labelled)
-        by_id = {f.image_id: f for f in labelled}
-        train_items = [by_id[i] for i in split.train if i in by_id]
-        val_items = [by_id[i] for i in split.validation if i in by_id]
-        if not train_items:
-            raise ValueError("no final labels in the training split yet: submit a label first")
         served = self.store.served()
-        learned = set(served.trained_on)
-        new = {f.image_id for f in train_items if f.stamp not in learned}
-        req = replace(req, lr=round_lr(req.lr, len(learned), req.lr_half_life))
+        labels = round_labels(self.split, labelled, served.trained_on, req.holdback)
+        req = replace(req, lr=round_lr(req.lr, labels.learned, req.lr_half_life))
         logger.info(
-            "%s round: %d training labels (%d new), %d validation; served v%d (%s); %s",
-            self.kind, len(train_items), len(new), len(val_items), served.version, self.model.weights, req,
+            "%s round: %d training labels (%d new), %d held back, %d validation; served v%d (%s); %s",
+            self.kind, len(labels.train), len(labels.new), len(labels.held_back), len(labels.validation),
+            served.version, self.model.weights, req,
         )  # fmt: skip
-        volumes = load_final_volumes(train_items, self.labels.preprocessing, self.studies)
-        candidate = copy.deepcopy(self.model.network)
-        trained = self.train(candidate, volumes, replay_weights(volumes, new, req.replay_share), req, train_items, new)
-        stats = trained.stats
+        # Test, then train: the served model answers on the held-back labels before anything trains.
+        served_held = self.score(self.model.network, labels.held_back, req) if labels.held_back else {}
         round_info: dict[str, Any] = {
             "kind": self.kind,
             "from_version": served.version,
             "lr": round(req.lr, 6),
-            "steps": stats.steps,
-            "s_per_step": round(stats.s_per_step, 3),
-            "loss_first": round(stats.loss_first, 4),
-            "loss_last": round(stats.loss_last, 4),
-            "train_labels": len(train_items),
-            "new_labels": len(new),
-            "early_stop": trained.early_stop,
+            "train_labels": len(labels.train),
+            "new_labels": len(labels.new),
+            "held_back": {
+                "images": [f.image_id for f in labels.held_back],
+                "served": served_held.get("per_object", {}),
+                "candidate": None,
+            },
         }
-        served_val = self._served_validation(served, val_items, req)
-        candidate_val = self.score(candidate, val_items, req)
+        seen = [f.stamp for f in labelled]
+        if not labels.new and labels.held_back:
+            reason = (
+                f"skipped: the only new training label(s) {round_info['held_back']['images']} are held back "
+                "for the gate; the next round trains on them"
+            )
+            return self._record(round_info, reason, begin, seen)
+        candidate = copy.deepcopy(self.model.network)
+        volumes = load_final_volumes(labels.train, self.labels.preprocessing, self.studies)
+        weights = replay_weights(volumes, labels.new, req.replay_share)
+        trained = self.train(candidate, volumes, weights, req, labels.train, labels.new)
+        stats = trained.stats
+        round_info.update(
+            steps=stats.steps, s_per_step=round(stats.s_per_step, 3), loss_first=round(stats.loss_first, 4),
+            loss_last=round(stats.loss_last, 4), early_stop=trained.early_stop,
+        )  # fmt: skip
+        decision, candidate_val = self._judge(candidate, served, labels, served_held, req, round_info)
+        if not decision.promote:
+            return self._record(round_info, decision.reason, begin, seen)
+        round_info.update(reason=decision.reason, seconds=round(time.perf_counter() - begin, 1))
+        round_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        trained_on = [f.stamp for f in labels.train]
+        entry = self.store.promote(candidate, candidate_val, trained_on, round_info, seen)
+        round_info["promoted"] = entry.version
+        logger.info("%s round done: %s", self.kind, decision.reason)
+        return round_info
+
+    def _judge(
+        self,
+        candidate: VISTA3D,
+        served: ServedVersion,
+        labels: RoundLabels,
+        served_held: dict[str, Any],
+        req: TrainRequest,
+        round_info: dict[str, Any],
+    ) -> tuple[Decision, dict[str, Any]]:
+        """Score the candidate on validation and the held-back labels and let the gate decide; the
+        figures and the gate's evidence go into ``round_info``. Returns the decision and the candidate's
+        validation figures."""
+        served_val = self._served_validation(served, labels.validation, req)
+        candidate_val = self.score(candidate, labels.validation, req)
+        candidate_held = self.score(candidate, labels.held_back, req) if labels.held_back else {}
+        round_info["held_back"]["candidate"] = candidate_held.get("per_object", {})
         decision = decide(
             (served_val.get("per_object", {}), candidate_val.get("per_object", {})),
-            trained.new_labels,
+            (served_held.get("per_object", {}), candidate_held.get("per_object", {})),
             GateConfig(tolerance=req.tolerance),
         )
-        promote, reason = decision.promote, decision.reason
         round_info.update(
             candidate_validation=_figures(candidate_val), served_validation=_figures(served_val),
             gate=decision.as_dict(),
         )  # fmt: skip
+        return decision, candidate_val
+
+    def _record(self, round_info: dict[str, Any], reason: str, begin: float, seen: list[str]) -> dict[str, Any]:
+        """Record a round that promotes nothing (refused or skipped), with why."""
         round_info.update(reason=reason, seconds=round(time.perf_counter() - begin, 1))
         round_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        seen = [f.stamp for f in labelled]
-        if promote:
-            entry = self.store.promote(candidate, candidate_val, [f.stamp for f in train_items], round_info, seen)
-            round_info["promoted"] = entry.version
-        else:
-            self.store.record_round(round_info, seen)
-            round_info["promoted"] = None
+        self.store.record_round(round_info, seen)
+        round_info["promoted"] = None
         logger.info("%s round done: %s", self.kind, reason)
         return round_info
 
@@ -270,8 +304,8 @@ class PointTrainTask(FineTuneTask):
         if req.world_size > 1:
             return self._train_distributed(network, volumes, weights, req, items, new)
         if req.patience == 0:
-            stats = train_point(network, volumes, weights, req, self.labels.special)
-            return Trained(stats, self._new_label_scores(network, items, new, req))
+            return Trained(train_point(network, volumes, weights, req, self.labels.special))
+        # ``items`` are the round's training labels: the early stop never sees the held-back ones.
         scorer = ClickScorer(
             self.model.preset, self.labels, monitored_labels(items, new), req.clicks, self.click_precision
         )
@@ -279,8 +313,7 @@ class PointTrainTask(FineTuneTask):
         early.baseline()
         stats = train_point(network, volumes, weights, req, self.labels.special, stop_when=early)
         early.restore_best()
-        new_labels = (_on_images(early.baseline_scores, new), _on_images(early.best_scores, new))
-        return Trained(stats, new_labels, early.summary())
+        return Trained(stats, early.summary())
 
     def _train_distributed(
         self,
@@ -298,14 +331,7 @@ class PointTrainTask(FineTuneTask):
         result = torch.load(out, map_location="cpu", weights_only=False)
         out.unlink(missing_ok=True)
         network.load_state_dict(result["state"])
-        return Trained(result["stats"], self._new_label_scores(network, items, new, req))
-
-    def _new_label_scores(
-        self, network: VISTA3D, items: list[FinalLabel], new: set[str], req: TrainRequest
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        fresh = [f for f in items if f.image_id in new]
-        served = self.score(self.model.network, fresh, req).get("per_object", {})
-        return served, self.score(network, fresh, req).get("per_object", {})
+        return Trained(result["stats"])
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         return click_dice(network, self.model.preset, self.labels, items, req.clicks, self.click_precision)
@@ -329,10 +355,7 @@ class AutoTrainTask(FineTuneTask):
         trainer = AutoTrainer(network, lr=req.lr)
         sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed, weights)
         max_s = 60 * req.max_minutes if req.max_minutes else None
-        stats = run_steps(trainer, sampler, req.steps, max(1, req.steps // 10), desc="auto", max_seconds=max_s)
-        fresh = [f for f in items if f.image_id in new]
-        served = self.score(self.model.network, fresh, req).get("per_object", {})
-        return Trained(stats, (served, self.score(network, fresh, req).get("per_object", {})))
+        return Trained(run_steps(trainer, sampler, req.steps, max(1, req.steps // 10), desc="auto", max_seconds=max_s))
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         return auto_dice(network, self.model.preset, self.labels, items, self.auto_precision)
