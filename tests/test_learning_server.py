@@ -71,7 +71,7 @@ def _digest(paths: list[Path]) -> dict[str, str]:
 @pytest.fixture
 def loop_server(tmp_path: Path, test_weights: Path) -> Iterator[Server]:
     conf = {
-        "train_trigger": "2",
+        "train_trigger": "3",
         "train_debounce_s": "1",
         "train_steps": "2",
         "promote_tolerance": "1.0",
@@ -89,13 +89,16 @@ def test_submitted_labels_train_and_the_promoted_version_is_served(loop_server: 
 
     _submit(loop_server, "STS_001")
     time.sleep(3)
-    assert "Learning loop: 1 of 2 final labels pending" in loop_server.log_text()
+    assert "Learning loop: 1 of 3 final labels pending" in loop_server.log_text()
     _submit(loop_server, "STS_002")
+    _submit(loop_server, "STS_003")
     _wait(lambda: _learning(loop_server)["served_version"] == 1, 400, "a promoted version", loop_server)
 
     learning = _learning(loop_server)
     assert learning["validation"]["images"] == ["STS_002"], "the second label is the first validation image"
+    # STS_003, the newest training label, is held back: scored by both models, trained on next round.
     assert learning["trained_on_labels"] == 1 and learning["last_round"]["kind"] == "point"
+    assert learning["last_round"]["gate"]["held_back"]["objects"] >= 1
     assert "Learning loop: started a point fine-tune" in loop_server.log_text()
 
     gtv = np.asarray(nib.load(str(STS / "STS_003_gtv.nii.gz")).dataobj) > 0
