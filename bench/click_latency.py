@@ -11,11 +11,15 @@ then one at the centre of the largest error region of the current result) throug
 Both sides use the same network object and weights, get the image already preprocessed, and return
 a label on the original grid. ``--auto`` instead times whole-volume class inference against MONAI's
 ``SlidingWindowInferer`` and checks that the label maps agree, per class (``vista3d`` then uses the
-trained stand-in of ``bench/auto_standin.py`` unless ``--weights`` is given). One JSON line per run
-on stdout.
+trained stand-in of ``bench/auto_standin.py`` unless ``--weights`` is given). ``--protocol cvpr2025``
+places every click (the first too) as the CVPR 2025 interactive 3D segmentation challenge does
+(:func:`lib.simulate.challenge_click`), 10 clicks unless ``--clicks`` says otherwise, and adds the
+challenge's figures, app and reference side by side, under ``cvpr2025``. One JSON line per run on
+stdout.
 
     python bench/click_latency.py --preset small
     python bench/click_latency.py --preset small --quality      # Dice per click: app vs reference
+    python bench/click_latency.py --preset small --quality --protocol cvpr2025
     python bench/click_latency.py --preset vista3d --auto --auto-image ../shared/data/totalseg/example_ct_sm.nii.gz
 """
 
@@ -26,6 +30,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,7 @@ from http_pass import http_clicks
 from monai.apps.vista3d.inferer import point_based_window_inferer
 from monai.apps.vista3d.transforms import VistaPostTransformd
 from monai.inferers import SlidingWindowInferer
+from scipy.integrate import trapezoid
 
 from lib.inference.engine import Engine
 from lib.inference.geometry import map_points, resample_nearest
@@ -47,7 +53,7 @@ from lib.model import LoadedModel, load_model, patch_size_for
 from lib.prompts import PointPrompt
 from lib.sessions import ImageState
 from lib.settings import Settings
-from lib.simulate import deepest_voxel, dice, next_click
+from lib.simulate import challenge_click, deepest_voxel, dice, next_click
 from lib.trainers.corpus import SARCOMA_CURVE, SARCOMA_HELDOUT
 
 logger = logging.getLogger("click_latency")
@@ -58,18 +64,33 @@ DEFAULT_CASES = [
 ]
 
 
-def first_click(truth: np.ndarray) -> tuple[np.ndarray, bool]:
-    return deepest_voxel(truth), True
+Click = tuple[np.ndarray, bool]
+ClickRule = Callable[[int, np.ndarray, np.ndarray], Click | None]
 
 
-def app_run(engine: Engine, state: ImageState, truth: np.ndarray, class_id: int, clicks: int) -> dict:
+def project_click(k: int, prediction: np.ndarray, truth: np.ndarray) -> Click | None:
+    """Click ``k`` (0-based) of the project's annotator: the object's deepest voxel, then :func:`next_click`."""
+    return (deepest_voxel(truth), True) if k == 0 else next_click(prediction, truth)
+
+
+def cvpr2025_click(k: int, prediction: np.ndarray, truth: np.ndarray) -> Click | None:
+    """Click ``k`` of the CVPR 2025 challenge's annotator (the first from the empty prediction)."""
+    return challenge_click(prediction, truth)
+
+
+CLICK_RULES: dict[str, ClickRule] = {"project": project_click, "cvpr2025": cvpr2025_click}
+
+
+def app_run(
+    engine: Engine, state: ImageState, truth: np.ndarray, class_id: int, clicks: int, rule: ClickRule = project_click
+) -> dict:
     """The app's click path; returns times, Dice after each click and the clicks made."""
     result = np.zeros(state.original_shape, dtype=np.int16)
     points: list[np.ndarray] = []
     positive: list[bool] = []
     times, dices = [], []
     for k in range(clicks):
-        click = first_click(truth) if k == 0 else next_click(result == class_id, truth)
+        click = rule(k, result == class_id, truth)
         if click is None:
             break
         points.append(click[0])
@@ -82,7 +103,15 @@ def app_run(engine: Engine, state: ImageState, truth: np.ndarray, class_id: int,
     return {"times": times, "dice": dices, "points": [p.tolist() for p in points], "positive": positive}
 
 
-def reference_run(model: LoadedModel, state: ImageState, truth: np.ndarray, class_id: int, clicks: int, patch) -> dict:
+def reference_run(
+    model: LoadedModel,
+    state: ImageState,
+    truth: np.ndarray,
+    class_id: int,
+    clicks: int,
+    patch,
+    rule: ClickRule = project_click,
+) -> dict:
     """MONAI's point inferer, one window on the newest click, previous logits as prev_mask."""
     h, w, d = state.original_shape
     image = state.image.unsqueeze(0)
@@ -94,7 +123,7 @@ def reference_run(model: LoadedModel, state: ImageState, truth: np.ndarray, clas
     times, dices = [], []
     offset = 2 if class_id in LABELS.special else 0
     for k in range(clicks):
-        click = first_click(truth) if k == 0 else next_click(mask, truth)
+        click = rule(k, mask, truth)
         if click is None:
             break
         model_point = np.clip(
@@ -148,18 +177,50 @@ def _padded(dices: list[float], clicks: int) -> list[float]:
     return dices + [dices[-1]] * (clicks - len(dices)) if dices else [0.0] * clicks
 
 
+def _groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """The case groups reported: sarcoma cases, the held-out ones among them, organs (empty ones left out)."""
+    groups = {"sarcoma": [r for r in rows if r["class_id"] > 132],
+              "sarcoma_heldout": [r for r in rows if r["case"] in SARCOMA_HELDOUT],
+              "organs": [r for r in rows if r["class_id"] <= 132]}  # fmt: skip
+    return {name: rows_ for name, rows_ in groups.items() if rows_}
+
+
+def _curves(rows: list[dict], side: str, clicks: int) -> np.ndarray:
+    """Dice after each click, [cases, clicks], of one side (``reference`` or ``app``)."""
+    return np.asarray([_padded(r[f"{side}_dice"], clicks) for r in rows])
+
+
 def dice_per_click(rows: list[dict], clicks: int) -> dict[str, dict]:
-    """Mean Dice after each click, reference and app: sarcoma cases, the held-out ones among them, organs."""
-    out = {}
-    for group, rows_ in (("sarcoma", [r for r in rows if r["class_id"] > 132]),
-                         ("sarcoma_heldout", [r for r in rows if r["case"] in SARCOMA_HELDOUT]),
-                         ("organs", [r for r in rows if r["class_id"] <= 132])):  # fmt: skip
-        if rows_:
-            out[group] = {
-                "cases": len(rows_),
-                **{side: [round(float(x), 4) for x in np.mean([_padded(r[f"{side}_dice"], clicks) for r in rows_], 0)]
-                   for side in ("reference", "app")},
-            }  # fmt: skip
+    """Mean Dice after each click, reference and app, per group."""
+    return {
+        group: {
+            "cases": len(rows_),
+            **{
+                side: [round(float(x), 4) for x in _curves(rows_, side, clicks).mean(0)]
+                for side in ("reference", "app")
+            },
+        }
+        for group, rows_ in _groups(rows).items()
+    }
+
+
+CVPR2025_AT = (1, 3, 5, 10)
+
+
+def cvpr2025_figures(rows: list[dict], clicks: int) -> dict[str, dict]:
+    """The challenge's figures per group, reference and app: mean Dice after 1, 3, 5 and 10 clicks (those
+    made), ``dsc_auc`` as the challenge computes it per case (trapezoid over the Dice after clicks 1..N at
+    unit spacing, so 0..N-1) and ``dice_mean``, its normalised form (mean Dice over clicks 1..N, 0..1)."""
+    out: dict[str, dict] = {}
+    for group, rows_ in _groups(rows).items():
+        out[group] = {"cases": len(rows_), "clicks": clicks}
+        for side in ("reference", "app"):
+            curves = _curves(rows_, side, clicks)
+            out[group][side] = {
+                **{f"dice_{k}": round(float(curves[:, k - 1].mean()), 4) for k in CVPR2025_AT if k <= clicks},
+                "dsc_auc": round(float(trapezoid(curves, axis=1).mean()), 4),
+                "dice_mean": round(float(curves.mean()), 4),
+            }
     return out
 
 
@@ -173,9 +234,10 @@ def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine
         start = time.perf_counter()
         state = new_state(str(case.image), LABELS.preprocessing, patch)
         preprocess_s = time.perf_counter() - start
-        ref = reference_run(model, state, truth, case.class_id, args.clicks, patch)
+        rule = CLICK_RULES[args.protocol]
+        ref = reference_run(model, state, truth, case.class_id, args.clicks, patch, rule)
         state.features.clear()
-        app = app_run(engine, state, truth, case.class_id, args.clicks)
+        app = app_run(engine, state, truth, case.class_id, args.clicks, rule)
         row = {
             "case": case.name,
             "class_id": case.class_id,
@@ -207,9 +269,12 @@ def click_benchmark(args: argparse.Namespace, model: LoadedModel, engine: Engine
         "speedup_first": round(ref_first / app_first, 2),
         "speedup_later": round(ref_later / app_later, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "protocol": args.protocol,
         "dice_per_click": dice_per_click(rows, args.clicks),
         "cases": rows,
     }
+    if args.protocol == "cvpr2025":
+        out["cvpr2025"] = cvpr2025_figures(rows, args.clicks)
     http_rows = [r for r in rows if "http_s" in r]
     if http_rows:
         out["http_first_s"] = http_rows[0]["http_s"][0]
@@ -293,7 +358,13 @@ def main() -> None:
     parser.add_argument(
         "--cases", nargs="+", default=DEFAULT_CASES, help="X_ct.nii.gz or image:label[:value[:class_id]]"
     )
-    parser.add_argument("--clicks", type=int, default=6)
+    parser.add_argument("--clicks", type=int, default=None, help="clicks per case (default: 6, cvpr2025: 10)")
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(CLICK_RULES),
+        default="project",
+        help="where clicks go: the project's annotator, or the CVPR 2025 challenge's (adds its figures, no HTTP pass)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--precision",
@@ -316,6 +387,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quality:
         args.cases, args.no_http = QUALITY_CASES, True
+    if args.clicks is None:
+        args.clicks = 10 if args.protocol == "cvpr2025" else 6
+    args.no_http = args.no_http or args.protocol == "cvpr2025"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     weights = args.weights or ("starter" if args.preset == "small" else "none")

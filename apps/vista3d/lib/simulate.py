@@ -106,19 +106,22 @@ def challenge_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarr
     without a box). None when the prediction is perfect.
 
     Unlike :func:`next_click`, which labels missed foreground and false positives apart and signs the
-    click by the kind of the larger, adjacent errors of both kinds here form one component.
+    click by the kind of the larger, adjacent errors of both kinds here form one component. Two equally
+    large largest components may be told apart differently (the challenge labels with cc3d).
     """
-    labelled, n = ndimage.label(prediction != truth, structure=STRUCTURE_26)
+    error = prediction != truth
+    outer = _bounding_box(error)
+    labelled, n = ndimage.label(error[outer], structure=STRUCTURE_26)
     if n == 0:
         return None
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
     k = int(np.argmax(sizes))
     box = ndimage.find_objects(labelled, max_label=k)[k - 1]
-    component = labelled[box] == k
-    dist = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1, 1:-1]
+    dist = ndimage.distance_transform_edt(np.pad(labelled[box] == k, 1))[1:-1, 1:-1, 1:-1]
     ties = np.argwhere(dist.transpose(2, 1, 0) == dist.max())[:, ::-1]  # (z, y, x) order, back to (x, y, z)
-    voxel = ties[np.random.RandomState(CHALLENGE_SEED).choice(len(ties))] + [s.start for s in box]
+    offset = [(a.start or 0) + b.start for a, b in zip(outer, box, strict=True)]
+    voxel = ties[np.random.RandomState(CHALLENGE_SEED).choice(len(ties))] + offset
     return voxel, bool(truth[tuple(voxel)])
 
 
