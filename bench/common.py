@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import signal
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,44 @@ def parse_case(spec: str) -> Case:
     class_id = int(parts[3]) if len(parts) > 3 else 133
     name = image.name.split(".")[0] + (f"#{value}" if value is not None else "")
     return Case(name, image, Path(parts[1]), value, class_id)
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"0,5,10"`` -> ``[0, 5, 10]``: distinct non-negative counts in ascending order (an argparse ``type``)."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 0,5,10") from None
+    if any(c < 0 for c in counts) or counts != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct counts >= 0 in ascending order")
+    return counts
+
+
+def case_pairs(folder: Path) -> list[str]:
+    """The cases of a folder laid out like ``sts/``, sorted: every ``<case>_ct.nii.gz`` with a
+    ``<case>_gtv.nii.gz`` beside it (any label voxel above 0 is the object)."""
+    names = sorted(p.name[: -len("_ct.nii.gz")] for p in Path(folder).glob("*_ct.nii.gz"))
+    return [n for n in names if (Path(folder) / f"{n}_gtv.nii.gz").is_file()]
+
+
+def take_cases(
+    folder: Path, need: int | None = None, names: Sequence[str] | None = None, flag: str = "--cases"
+) -> list[str]:
+    """The first ``need`` (all when None) of ``names`` (default: every :func:`case_pairs` of ``folder``),
+    each with its CT and label in ``folder``. SystemExit naming ``flag``, the folder and what is missing,
+    or how many pairs it has when fewer than ``need`` (or none)."""
+    pairs = case_pairs(folder) if names is None else list(names)
+    missing = [n for n in pairs if not all((Path(folder) / f"{n}_{k}.nii.gz").is_file() for k in ("ct", "gtv"))]
+    if missing:
+        raise SystemExit(f"{flag}: {folder} lacks <case>_ct.nii.gz / <case>_gtv.nii.gz for {', '.join(missing)}")
+    least = 1 if need is None else need
+    if len(pairs) < least:
+        split = " in the default split" if names is not None else ""
+        raise SystemExit(
+            f"{flag}: {least} cases needed, {folder} has {len(pairs)}{split}; "
+            f"give {flag} a folder with at least {least} <case>_ct.nii.gz + <case>_gtv.nii.gz pairs"
+        )
+    return pairs[:need]
 
 
 def multiclass_agreement(a: np.ndarray, b: np.ndarray) -> float:

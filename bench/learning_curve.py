@@ -1,21 +1,27 @@
 #!/usr/bin/env python
 """The annotation loop, simulated on real CT: how much the served model gains per corrected label.
 
-From the shipped starter (``--weights``, default: the ``small`` preset's starter), the sarcoma cases
-the starter never saw (``SARCOMA_CURVE``, 20 of them) are "corrected" one at a time (the ground
-truth stands in for the annotator's final label, saved under the zero-shot id 133) into a temporary
-local datastore; every ``--every`` labels the server's own point round runs in process
-(:class:`lib.trainers.tasks.PointTrainTask`: persisted validation split, replay, round learning
-rate, early stop, gate, model store) and the served version is reloaded as the server does.
+From the shipped starter (``--weights``, default: the ``small`` preset's starter), cases (by default
+ones the starter never saw) are "corrected" one at a time (the ground truth stands in for the
+annotator's final label, saved under the zero-shot id 133) into a temporary local datastore; every ``--every``
+labels the server's own point round runs in process (:class:`lib.trainers.tasks.PointTrainTask`:
+persisted validation split, replay, round learning rate, early stop, gate, model store) and the
+served version is reloaded as the server does.
 
-After 0, 5, 10, 15 and 20 labels every held-out case (``SARCOMA_HELDOUT``, 10 cases nobody trains
-on) is segmented by the simulated annotator: Dice after 1, 3 and 5 clicks. Every candidate,
-promoted or refused, is scored on the held-out cases as well, so each gate decision can be judged:
-right when it promoted a candidate at least as good on the held-out cases (mean Dice over 5 clicks)
-or refused a worse one. Forgetting: the automatic branch's Dice on the abdominal scan's organs
-before and after.
+At each ``--measure-at`` label count (default 0, 5, 10, 15, 20; the largest is how many cases are
+corrected) every held-out case is segmented by the simulated annotator: Dice after 1, 3 and 5
+clicks. Every candidate, promoted or refused, is scored on the held-out cases as well, so each gate
+decision can be judged: right when it promoted a candidate at least as good on the held-out cases
+(mean Dice over 5 clicks) or refused a worse one; the decisions are tabled at the end. Forgetting:
+the automatic branch's Dice on the abdominal scan's organs before and after.
+
+Cases: by default the shared split of ``../shared/data/sts`` (the 20 ``SARCOMA_CURVE`` cases
+corrected, the 10 ``SARCOMA_HELDOUT`` held out); ``--train DIR`` and ``--holdout DIR`` take any
+folders of ``<case>_ct.nii.gz`` + ``<case>_gtv.nii.gz`` pairs (any label voxel above 0 is the
+object; corrected in name order), e.g. 30 labels: ``--train DIR --measure-at 0,10,20,30``.
 
     .venv/bin/python bench/learning_curve.py
+    .venv/bin/python bench/learning_curve.py --train my/train --holdout my/holdout --measure-at 0,10,20,30
 
 Prints one JSON line; writes ``learning_curve.json`` and ``learning_curve.png`` to ``--out``.
 """
@@ -35,7 +41,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from common import DATA, ROOT
+from common import DATA, ROOT, parse_counts, take_cases
 from monai.networks.nets.vista3d import VISTA3D
 
 from lib.data.datastore import SafeLocalDatastore
@@ -59,7 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=STARTER_WEIGHTS, help="start weights (default: the starter)")
     p.add_argument("--every", type=int, default=5, help="a point round after every k labels")
-    p.add_argument("--measure-at", default="0,5,10,15,20", help="label counts at which the holdout is measured")
+    p.add_argument("--train", type=Path, help="folder of <case>_ct/_gtv.nii.gz to correct (default: the shared split)")
+    p.add_argument("--holdout", type=Path, help="folder of <case>_ct/_gtv.nii.gz held out (default: the shared split)")
+    p.add_argument(
+        "--measure-at",
+        type=parse_counts,
+        default="0,5,10,15,20",
+        help="label counts at which the holdout is measured; the largest is how many cases are corrected",
+    )
     p.add_argument("--steps", type=int, help="optimiser steps per round at most (default: the server's)")
     p.add_argument("--lr", type=float, help="base learning rate (default: the server's)")
     p.add_argument("--tolerance", type=float, help="the promotion gate's tolerance (default: the server's)")
@@ -70,9 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def save_final(ds: SafeLocalDatastore, case: str, scratch: Path) -> None:
-    """The annotator submits the ground truth as the final label (tumour = zero-shot id 133)."""
-    gtv = nib.load(str(SARCOMA_DIR / f"{case}_gtv.nii.gz"))
+def split(args: argparse.Namespace) -> tuple[Path, list[str], Path, list[str]]:
+    """The folder and names of the cases to correct (as many as the largest ``--measure-at``) and of the
+    held-out ones; SystemExit when a folder has too few or the two share a CT."""
+    train_dir, holdout_dir = args.train or SARCOMA_DIR, args.holdout or SARCOMA_DIR
+    train = take_cases(train_dir, max(args.measure_at), None if args.train else SARCOMA_CURVE, "--train")
+    holdout = take_cases(holdout_dir, None, None if args.holdout else SARCOMA_HELDOUT, "--holdout")
+    shared = {(train_dir / f"{c}_ct.nii.gz").resolve() for c in train} & {
+        (holdout_dir / f"{c}_ct.nii.gz").resolve() for c in holdout
+    }
+    if shared:
+        raise SystemExit(f"--holdout: {len(shared)} held-out cases are also corrected, e.g. {min(shared)}")
+    return train_dir, train, holdout_dir, holdout
+
+
+def save_final(ds: SafeLocalDatastore, folder: Path, case: str, scratch: Path) -> None:
+    """The annotator submits the ground truth as the final label (any voxel above 0 -> zero-shot id 133)."""
+    gtv = nib.load(str(folder / f"{case}_gtv.nii.gz"))
     path = scratch / f"{case}_final.nii.gz"
     data = (np.asarray(gtv.dataobj) > 0).astype(np.uint8) * SARCOMA_ID
     nib.save(nib.Nifti1Image(data, gtv.affine), str(path))  # type: ignore[attr-defined]
@@ -113,6 +140,30 @@ def run_round(task: RecordingTask, ds: SafeLocalDatastore, n: int, args: argpars
             "candidate_heldout": candidate, "decision_right": right}  # fmt: skip
 
 
+def gate_decisions(rounds: list[dict]) -> list[dict]:
+    """One row per point round: what the gate did, the held-out scores it is judged by, right or wrong."""
+    return [
+        {
+            "labels": r["labels"],
+            "decision": "promoted" if r["promoted"] is not None else "refused",
+            "served": r["served_heldout"]["score"],
+            "candidate": r["candidate_heldout"]["score"],
+            "verdict": "right" if r["decision_right"] else "wrong",
+            "reason": r["reason"],
+        }
+        for r in rounds
+    ]
+
+
+def decision_table(decisions: list[dict]) -> str:
+    """The gate decisions as a Markdown table."""
+    lines = ["| labels | gate | served | candidate | verdict | reason |", "|---|---|---|---|---|---|"]
+    lines += [f"| {d['labels']} | {d['decision']} | {d['served']:.4f} | {d['candidate']:.4f} | {d['verdict']} | "
+              f"{d['reason']} |" for d in decisions]  # fmt: skip
+    right = sum(d["verdict"] == "right" for d in decisions)
+    return "\n".join([*lines, f"{right} of {len(decisions)} decisions right"])
+
+
 def organ_dice(model: LoadedModel, labels: LabelDictionary, abdomen: CachedVolume | None) -> dict[str, float] | None:
     if abdomen is None:
         return None
@@ -129,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     labels = load_label_dictionary()
-    measure_at = [int(x) for x in args.measure_at.split(",")]
+    measure_at = args.measure_at
+    train_dir, train_cases, holdout_dir, holdout_cases = split(args)
     work = Path(tempfile.mkdtemp(prefix="learning_curve_"))
-    train_cases = list(SARCOMA_CURVE[: max(measure_at)])
-    holdout = sarcoma_click_cases(SARCOMA_DIR, labels, SARCOMA_HELDOUT)
+    holdout = sarcoma_click_cases(holdout_dir, labels, holdout_cases)
     studies = work / "studies"
     studies.mkdir()
     for case in train_cases:
-        os.symlink(SARCOMA_DIR / f"{case}_ct.nii.gz", studies / f"{case}.nii.gz")
+        os.symlink((train_dir / f"{case}_ct.nii.gz").resolve(), studies / f"{case}.nii.gz")
     ds = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     conf = {"weights": str(args.weights), "train_threads": str(args.threads)}
     for key, value in (("train_steps", args.steps), ("promote_tolerance", args.tolerance)):
@@ -155,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for n in range(0, len(train_cases) + 1):
         if n > 0:
-            save_final(ds, train_cases[n - 1], work)
+            save_final(ds, train_dir, train_cases[n - 1], work)
             if n % args.every == 0:
                 rounds.append(run_round(task, ds, n, args, holdout))
                 reloader.refresh()
@@ -167,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                 curve[f"dice_{k}"].append(scores[f"dice_{k}"])
             logger.info("%d labels (served v%d): %s", n, model.served_version, scores)
     organs_after = organ_dice(model, labels, abdomen)
+    decisions = gate_decisions(rounds)
+    logger.info("gate decisions (held-out score: mean Dice over clicks 1..5):\n%s", decision_table(decisions))
     result = {
         **curve,
-        "holdout_cases": list(SARCOMA_HELDOUT),
+        "holdout_cases": holdout_cases,
         "corrected_cases": train_cases,
+        "train_dir": str(train_dir),
+        "holdout_dir": str(holdout_dir),
         "every": args.every,
         "settings": {
             "steps": settings.train_steps,
@@ -182,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "decisions_right": sum(r["decision_right"] for r in rounds),
         "decisions": len(rounds),
+        "gate_decisions": decisions,
         "organs_auto_dice_before": organs_before,
         "organs_auto_dice_after": organs_after,
         "organs_mean_before": _mean(organs_before),

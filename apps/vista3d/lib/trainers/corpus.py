@@ -1,7 +1,8 @@
 """The real CT the project trains and benchmarks on (``../shared/data``), as cached training volumes.
 
 * the abdominal scan with its TotalSegmentator organ labels mapped to VISTA3D ids;
-* sarcoma cases (``X_ct.nii.gz`` + ``X_gtv.nii.gz``), the tumour as a zero-shot id, or as CT only;
+* sarcoma cases, or any folder laid out like them (``X_ct.nii.gz`` + ``X_gtv.nii.gz``, every label voxel
+  above 0 the object), the object as a zero-shot id, or as CT only;
 * low-level supervoxels of any CT, computed once and cached as NIfTI beside the other cached files.
 """
 
@@ -74,14 +75,16 @@ def sarcoma_volume(
     supervoxel_cache: Path | None = None,
     label_id: int = SARCOMA_ID,
 ) -> CachedVolume:
-    """A sarcoma case: the tumour as ``label_id``, or the CT alone (``with_label=False``)."""
+    """A sarcoma case: the tumour (every label value above 0) as ``label_id``, or the CT alone
+    (``with_label=False``)."""
     image = folder / f"{case}_ct.nii.gz"
     pair = {"image": str(image)}
     if with_label:
         pair["label"] = str(folder / f"{case}_gtv.nii.gz")
     if supervoxel_cache is not None:
         pair["supervoxels"] = str(lowlevel_supervoxels(image, supervoxel_cache))
-    return load_volume(case, pair, remap_lookup({1: label_id}), labels.preprocessing)
+    # load_volume clips label values to the table's 0..255: every value above 0 is the object
+    return load_volume(case, pair, remap_lookup(dict.fromkeys(range(1, 256), label_id)), labels.preprocessing)
 
 
 def sarcoma_click_cases(
