@@ -15,7 +15,7 @@ from enum import Enum
 from .auth import Identity
 from .users import Role
 
-__all__ = ["PUBLIC", "RULES", "Decision", "Rule", "decide", "find_rule"]
+__all__ = ["PUBLIC", "RULES", "Decision", "Rule", "allowed_methods", "decide", "find_rule"]
 
 PUBLIC = None  # a rule's role for routes anybody may call (sign-in, the auth contract)
 
@@ -106,6 +106,13 @@ def find_rule(method: str, path: str, rules: tuple[Rule, ...] = RULES) -> Rule |
                 if rule.matches(m, candidate):
                     return rule
     return None
+
+
+def allowed_methods(path: str, rules: tuple[Rule, ...] = RULES) -> list[str]:
+    """The methods the table has for ``path`` (either trailing slash), for a 405's ``Allow``; empty: no such path."""
+    alternative = path[:-1] if path.endswith("/") and len(path) > 1 else path + "/"
+    found = {r.method for r in rules for candidate in (path, alternative) if r.pattern.match(candidate)}
+    return sorted(found)
 
 
 class Decision(Enum):

@@ -6,7 +6,7 @@ folder, studies, ``--conf``) in this process before uvicorn imports this module,
 here is decided once, at import: who may do what, which origins may call, whether it is safe to
 start at all. MONAI Label's own routes are kept (its handlers, the bundled OHIF, the DICOMweb
 proxy), except those replaced here (``*_routes.py``: checked params, no leftovers, work off the
-event loop) and those it marks deprecated.
+event loop) and those it marks deprecated. The OpenAPI document is completed in :mod:`.openapi`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from monailabel.config import settings as ml_settings
-from monailabel.endpoints import activelearning, batch_infer, datastore, info, logs, ohif, proxy, scoring, train
+from monailabel.endpoints import activelearning, batch_infer, datastore, info, ohif, proxy, scoring, train
 from monailabel.interfaces.utils.app import app_instance
 from starlette.routing import BaseRoute
 
@@ -40,6 +40,8 @@ from .edge import AccessMiddleware
 from .errors import install_error_handlers
 from .infer_route import infer_router
 from .launch import EDGE_ENV, bind_host, is_loopback
+from .logs_route import logs_router
+from .openapi import install_contract
 from .redact import ScrubPathsMiddleware, TruncatingFilter
 from .scheduler import Scheduler
 from .shutdown import stop_on_signals
@@ -59,7 +61,7 @@ os.environ["MONAI_LABEL_RELOAD_APP_LIB"] = "false"
 os.environ[EDGE_ENV] = "1"
 
 STATIC = Path(datastore.__file__).parent / "static"
-MONAI_LABEL_ROUTERS = (info, train, batch_infer, scoring, activelearning, datastore, logs, ohif)
+MONAI_LABEL_ROUTERS = (info, train, batch_infer, scoring, activelearning, datastore, ohif)
 
 
 def _routes(router: APIRouter | FastAPI) -> set[tuple[str, str]]:
@@ -170,12 +172,14 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_contract(app, lambda: edge.auth.enabled)
     ours = [
         sign_in_router(edge.auth),
         _info_router(edge),
         infer_router(edge.scheduler, edge.threads),
         datastore_router(),
         task_router(),
+        logs_router(os.path.join(ml_settings.MONAI_LABEL_APP_DIR, "logs", "app.log")),
     ]
     for router in ours:
         app.include_router(router)

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .access import Decision, decide, find_rule
+from .access import Decision, allowed_methods, decide, find_rule
 from .auth import ANONYMOUS, Authenticator, Identity
 from .tokens import TokenError
 
@@ -57,7 +57,8 @@ async def _redirect_to_sign_in(scope: Scope, send: Send) -> None:
 
 
 class AccessMiddleware:
-    """Answers 404 (no such route), 401 (sign in) or 403 (role too low) per :data:`~.access.RULES`."""
+    """Answers 404 (no such path), 405 (a path without that method, with ``Allow``), 401 (sign in) or 403 (role too
+    low) per :data:`~.access.RULES`."""
 
     def __init__(self, app: ASGIApp, auth: Authenticator) -> None:
         self.app = app
@@ -70,7 +71,12 @@ class AccessMiddleware:
         method, path = scope["method"], scope["path"]
         rule = find_rule(method, path)
         if rule is None:
-            await _answer(send, 404, f"{method} {path} is not a route of this server")
+            allowed = allowed_methods(path)
+            if allowed:
+                detail = f"{method} is not allowed on {path}; it allows {', '.join(allowed)}"
+                await _answer(send, 405, detail, {"allow": ", ".join(allowed)})
+            else:
+                await _answer(send, 404, f"{method} {path} is not a route of this server")
             return
         headers = Headers(scope=scope)
         problem = ""

@@ -16,10 +16,11 @@ import contextlib
 import json
 import logging
 from concurrent.futures import Future
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, HTTPException, Request, UploadFile
-from monailabel.endpoints.infer import ResultType, send_response
+from monailabel.endpoints.infer import send_response
 from monailabel.interfaces.utils.app import app_instance
 
 from ..data.datastore import LABEL_EXTENSIONS, check_plain_name
@@ -31,7 +32,7 @@ from .scheduler import Job, Kind, Scheduler
 from .threads import ThreadBudget
 from .users import Role
 
-__all__ = ["SERVER_KEYS", "infer_router", "session_owner"]
+__all__ = ["SERVER_KEYS", "Output", "infer_router", "session_owner"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,17 @@ SERVER_KEYS = frozenset(
     {"model", "image", "file", "session", "description"}
     | {USER_KEY, LABEL_FILE_KEY, IMAGE_ID_KEY, ON_WINDOW_KEY, ON_COMPUTED_KEY, THREADS_KEY}
 )
+
+
+class Output(str, Enum):
+    """What an answer holds: the label file, the result JSON, or both (multipart; the default).
+
+    MONAI Label's ``dicom_seg`` is not offered: this app writes no DICOM-SEG per request (it answered 500).
+    """
+
+    image = "image"
+    json = "json"
+    all = "all"
 
 
 def session_owner(identity: Identity, params: dict[str, Any]) -> str:
@@ -93,7 +105,7 @@ def infer_router(scheduler: Scheduler, threads: ThreadBudget) -> APIRouter:
         params: Annotated[str, Form()] = "{}",
         file: Annotated[UploadFile | None, File()] = None,
         label: Annotated[UploadFile | None, File()] = None,
-        output: ResultType | None = None,
+        output: Output | None = None,
     ) -> Any:
         if file is not None or session_id:
             raise HTTPException(

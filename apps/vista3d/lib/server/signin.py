@@ -86,7 +86,7 @@ def sign_in_router(auth: Authenticator) -> APIRouter:
         return {"enabled": auth.enabled, "client_id": "vista3d", "realm": None}
 
     @router.post("/auth/token", summary="A signed, expiring token for a user name and password")
-    def token(username: Annotated[str, Form()], password: Annotated[str, Form()]) -> Response:
+    def token(username: Annotated[str, Form(min_length=1)], password: Annotated[str, Form(min_length=1)]) -> Response:
         if not auth.enabled:
             return JSONResponse({"access_token": None, "token_type": None})
         try:

@@ -1,9 +1,8 @@
 """MONAI Label's task routes with their names checked first and their work off the event loop.
 
 MONAI Label starts a background process for any name given to ``/train/{model}``,
-``/scoring/{method}`` or ``/batch/infer/{model}`` (an unknown one fails minutes of CPU later), and
-answers ``/logs/gpu`` on a machine without ``nvidia-smi`` with 500. Here an unknown name is 404
-and the rest is MONAI Label's own code, run in a worker thread.
+``/scoring/{method}`` or ``/batch/infer/{model}`` (an unknown one fails minutes of CPU later).
+Here an unknown name is 404 and the rest is MONAI Label's own code, run in a worker thread.
 
 MONAI Label's ``/model/{model}`` routes (upload, download, delete a weights file) do not fit this
 app, whose weights are versions in the model store; ``POST /model/{model}/rollback`` serves the
@@ -12,13 +11,10 @@ previous version instead (``tools/model_store.py rollback`` over HTTP).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
 from monailabel.endpoints import activelearning, batch_infer, scoring, train
 from monailabel.endpoints.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
@@ -75,13 +71,5 @@ def task_router() -> APIRouter:
         except ValueError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         return dict(store.summary())
-
-    @router.get("/logs/gpu", summary="nvidia-smi's report")
-    async def gpu_info() -> Response:
-        smi = shutil.which("nvidia-smi")
-        if smi is None:
-            raise HTTPException(status_code=404, detail="this server has no GPU (nvidia-smi is not installed)")
-        report = await run_in_threadpool(subprocess.run, [smi], capture_output=True, text=True, timeout=30)
-        return Response(content=report.stdout, media_type="text/plain")
 
     return router
