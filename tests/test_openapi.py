@@ -21,30 +21,36 @@ from lib.server.openapi import OPERATIONS, PLAIN_NAME
 
 from .conftest import APP_DIR
 
-DOCUMENT_SCRIPT = """
+DOCUMENTS_SCRIPT = """
 import json, sys
 from monailabel.config import settings
 settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = sys.argv[1], sys.argv[2]
-settings.MONAI_LABEL_APP_CONF = {"users": sys.argv[3], "auth": sys.argv[4]}
+settings.MONAI_LABEL_APP_CONF = {"users": sys.argv[3], "auth": "on"}
 from lib.server import asgi
-print(json.dumps(asgi.app.openapi()))
+on = asgi.app.openapi()
+settings.MONAI_LABEL_APP_CONF = {"users": sys.argv[3], "auth": "off"}
+print(json.dumps([on, asgi.create_app().openapi()]))
 """
 
 
-def document(tmp_path: Path, auth: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The document with sign-in on, and off."""
+    tmp = tmp_path_factory.mktemp("openapi")
     out = subprocess.run(
-        [sys.executable, "-c", DOCUMENT_SCRIPT, str(APP_DIR), str(tmp_path), str(tmp_path / "users.json"), auth],
+        [sys.executable, "-c", DOCUMENTS_SCRIPT, str(APP_DIR), str(tmp), str(tmp / "users.json")],
         env={"PYTHONPATH": str(APP_DIR), "PATH": str(Path(sys.executable).parent)},
         capture_output=True,
         text=True,
         check=True,
     )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    on, off = json.loads(out.stdout.strip().splitlines()[-1])
+    return on, off
 
 
 @pytest.fixture(scope="module")
-def signed_in(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return document(tmp_path_factory.mktemp("openapi-on"), "on")
+def signed_in(documents: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    return documents[0]
 
 
 def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -88,8 +94,8 @@ def test_what_the_issue_found_is_declared(signed_in: dict[str, Any]) -> None:
     assert upload["properties"]["file"]["format"] == "binary" and upload["required"] == ["file"]
 
 
-def test_without_sign_in_the_document_asks_for_none(tmp_path: Path) -> None:
-    doc = document(tmp_path, "off")
+def test_without_sign_in_the_document_asks_for_none(documents: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    doc = documents[1]
     assert "securitySchemes" not in doc.get("components", {})
     for method, path, op in operations(doc):
         assert op["security"] == [], (method, path)
