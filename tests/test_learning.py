@@ -96,6 +96,7 @@ def test_replay_gives_new_labels_their_share() -> None:
         ({"train_encoder": "maybe"}, "train_encoder must be a bool"),
         ({"steps": 2.5}, "steps must be a int"),
         ({"holdback": 0}, "holdback must be at least 1"),
+        ({"cached": True, "world_size": 2}, "cached rounds run in one process"),
     ],
 )
 def test_bad_train_requests_name_the_problem(request_: dict, message: str) -> None:
@@ -249,6 +250,24 @@ def test_a_round_checks_its_training_labels_and_lets_the_gate_decide(tmp_path: P
     assert early["best_step"] >= 1, "the best checked state is the candidate, never the untrained one"
     assert early["improved"] == (early["best"] > early["baseline"] + 0.002)
     assert result["gate"]["reason"] == result["reason"], "the gate decides every round"
+
+
+def test_a_cached_round_trains_the_point_head_and_leaves_what_the_automatic_branch_reads(tmp_path: Path) -> None:
+    """``cached`` rounds (encoder frozen, sessions on the served path) through the server's own round."""
+    task, ds, _, _ = _round(tmp_path, "starter")
+    candidates: list[torch.nn.Module] = []
+    train = task.train
+
+    def spy(network, *args):  # type: ignore[no-untyped-def]
+        candidates.append(network)
+        return train(network, *args)
+
+    task.train = spy  # type: ignore[method-assign]
+    result = task({"cached": True, "steps": 2, "patience": 0, "crop": 64, "lr": 1e-4, "clicks": GATE_CLICKS}, ds)
+    assert result["steps"] == 2 and result["gate"]["reason"] == result["reason"]
+    served, candidate = task.model.network.state_dict(), candidates[0].state_dict()
+    changed = {k.split(".")[0] for k in served if not torch.equal(served[k], candidate[k])}
+    assert changed == {"point_head"}, "the encoder and the class head are exactly the served ones"
 
 
 class _Label:

@@ -22,6 +22,9 @@ class TrainRequest:
             point head's positional encoding is normalised by (see ``lib.model.patch_size_for``).
         rounds: click-simulation rounds per point step.
         train_encoder: whether the point trainer also updates the shared encoder.
+        cached: a point round trains the point head alone on click sessions played on the served
+            path, the encoder frozen and its windows computed once (:mod:`.point_cached`); the
+            automatic branch cannot change. One process only.
         replay_share: share of steps on labels learned in earlier rounds (the rest on new ones).
         tolerance: the promotion gate's allowed drop in validation score.
         clicks: simulated clicks per validation object.
@@ -41,6 +44,7 @@ class TrainRequest:
     crop: int = 64
     rounds: int = 3
     train_encoder: bool = True
+    cached: bool = False
     replay_share: float = 0.5
     tolerance: float = 0.01
     clicks: int = 5
@@ -92,6 +96,8 @@ class TrainRequest:
             problems.append(f"clicks must be in 1..20, got {self.clicks}")
         if self.world_size < 1:
             problems.append(f"world_size must be at least 1, got {self.world_size}")
+        if self.cached and self.world_size > 1:
+            problems.append("cached rounds run in one process: leave world_size at 1")
         if self.lr_half_life < 0:
             problems.append(f"lr_half_life must be >= 0, got {self.lr_half_life}")
         if self.check_every < 1:

@@ -34,6 +34,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from .distributed import average_gradients, spawn
 from .early_stop import EarlyStop, monitored_labels, round_lr
 from .gate import Decision, GateConfig, decide
 from .labelled import FinalLabel, final_labels, load_final_volumes
+from .point_cached import train_point_head
 from .point_trainer import PointTrainConfig, PointTrainer
 from .request import TrainRequest
 from .schedule import TrainStats, run_steps, seed_everything
@@ -303,15 +305,16 @@ class PointTrainTask(FineTuneTask):
     ) -> Trained:
         if req.world_size > 1:
             return self._train_distributed(network, volumes, weights, req, items, new)
+        loop = partial(train_point_head, precision=self.click_precision) if req.cached else train_point
         if req.patience == 0:
-            return Trained(train_point(network, volumes, weights, req, self.labels.special))
+            return Trained(loop(network, volumes, weights, req, self.labels.special))
         # ``items`` are the round's training labels: the early stop never sees the held-back ones.
         scorer = ClickScorer(
             self.model.preset, self.labels, monitored_labels(items, new), req.clicks, self.click_precision
         )
         early = EarlyStop(network, scorer, req.steps, req.check_every, req.patience)
         early.baseline()
-        stats = train_point(network, volumes, weights, req, self.labels.special, stop_when=early)
+        stats = loop(network, volumes, weights, req, self.labels.special, stop_when=early)
         early.restore_best()
         return Trained(stats, early.summary())
 
