@@ -137,9 +137,12 @@ def test_sigkill_mid_training_loses_nothing_and_the_next_round_runs(manual_serve
     before = _digest(labels)
     store = server.studies / ".vista3d" / "models"
 
-    response = requests.post(f"{server.url}/train/point", json={"crop": 64}, timeout=60)
+    # Two clicks per scored object: the served model scores the held-back STS_003 before training starts.
+    response = requests.post(f"{server.url}/train/point", json={"crop": 64, "clicks": 2}, timeout=60)
     assert response.status_code == 200, response.text
-    _wait(lambda: "point[rank 0]" in server.log_text() or "Cached STS_003" in server.log_text(), 300,
+    # STS_001 is the round's one training label (STS_002 validates, STS_003 is held back): once it is
+    # loaded, steps run.
+    _wait(lambda: "point[rank 0]" in server.log_text() or "Cached STS_001" in server.log_text(), 300,
           "the round to start training", server)  # fmt: skip
     time.sleep(5)  # mid-round: steps are running
     proc = _training_process(server)
