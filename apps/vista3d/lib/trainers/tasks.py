@@ -239,12 +239,9 @@ class FineTuneTask(TrainTask):
         decision, candidate_val = self._judge(candidate, served, labels, served_held, req, round_info)
         if not decision.promote:
             return self._record(round_info, decision.reason, begin, seen)
-        round_info.update(reason=decision.reason, seconds=round(time.perf_counter() - begin, 1))
-        round_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._finish(round_info, decision.reason, begin)
         trained_on = [f.stamp for f in labels.train]
-        entry = self.store.promote(candidate, candidate_val, trained_on, round_info, seen)
-        round_info["promoted"] = entry.version
-        logger.info("%s round done: %s", self.kind, decision.reason)
+        round_info["promoted"] = self.store.promote(candidate, candidate_val, trained_on, round_info, seen).version
         return round_info
 
     def _judge(
@@ -274,13 +271,17 @@ class FineTuneTask(TrainTask):
         )  # fmt: skip
         return decision, candidate_val
 
-    def _record(self, round_info: dict[str, Any], reason: str, begin: float, seen: list[str]) -> dict[str, Any]:
-        """Record a round that promotes nothing (refused or skipped), with why."""
+    def _finish(self, round_info: dict[str, Any], reason: str, begin: float) -> None:
+        """Why the round ended, how long it took and when: what every round records."""
         round_info.update(reason=reason, seconds=round(time.perf_counter() - begin, 1))
         round_info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        logger.info("%s round done: %s", self.kind, reason)
+
+    def _record(self, round_info: dict[str, Any], reason: str, begin: float, seen: list[str]) -> dict[str, Any]:
+        """Record a round that promotes nothing (refused or skipped), with why."""
+        self._finish(round_info, reason, begin)
         self.store.record_round(round_info, seen)
         round_info["promoted"] = None
-        logger.info("%s round done: %s", self.kind, reason)
         return round_info
 
 
@@ -304,7 +305,7 @@ class PointTrainTask(FineTuneTask):
         new: set[str],
     ) -> Trained:
         if req.world_size > 1:
-            return self._train_distributed(network, volumes, weights, req, items, new)
+            return self._train_distributed(network, volumes, weights, req)
         loop = partial(train_point_head, precision=self.click_precision) if req.cached else train_point
         if req.patience == 0:
             return Trained(loop(network, volumes, weights, req, self.labels.special))
@@ -324,8 +325,6 @@ class PointTrainTask(FineTuneTask):
         volumes: list[CachedVolume],
         weights: list[float],
         req: TrainRequest,
-        items: list[FinalLabel],
-        new: set[str],
     ) -> Trained:
         """``world_size`` processes, the whole schedule (no early stop: every rank would have to agree)."""
         out = self.store.root / ".distributed-candidate.tmp"
