@@ -74,20 +74,16 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
-def case_pairs(folder: Path) -> list[str]:
-    """The cases of a folder laid out like ``sts/``, sorted: every ``<case>_ct.nii.gz`` with a
-    ``<case>_gtv.nii.gz`` beside it (any label voxel above 0 is the object)."""
-    names = sorted(p.name[: -len("_ct.nii.gz")] for p in Path(folder).glob("*_ct.nii.gz"))
-    return [n for n in names if (Path(folder) / f"{n}_gtv.nii.gz").is_file()]
-
-
 def take_cases(
     folder: Path, need: int | None = None, names: Sequence[str] | None = None, flag: str = "--cases"
 ) -> list[str]:
-    """The first ``need`` (all when None) of ``names`` (default: every :func:`case_pairs` of ``folder``),
+    """The first ``need`` (all when None) of ``names`` (default: every case of ``folder``,
+    :func:`lib.trainers.corpus.case_names`),
     each with its CT and label in ``folder``. SystemExit naming ``flag``, the folder and what is missing,
     or how many pairs it has when fewer than ``need`` (or none)."""
-    pairs = case_pairs(folder) if names is None else list(names)
+    from lib.trainers.corpus import case_names  # torch: only where a folder is listed
+
+    pairs = case_names(Path(folder)) if names is None else list(names)
     missing = [n for n in pairs if not all((Path(folder) / f"{n}_{k}.nii.gz").is_file() for k in ("ct", "gtv"))]
     if missing:
         raise SystemExit(f"{flag}: {folder} lacks <case>_ct.nii.gz / <case>_gtv.nii.gz for {', '.join(missing)}")

@@ -1,4 +1,5 @@
-"""The benchmarks' case folders (bench/common.py): which pairs a folder holds, and the failures that name the fix."""
+"""The benchmarks' case folders (bench/common.py; listed by lib.trainers.corpus.case_names): which pairs a
+folder holds, and the failures that name the fix."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import case_pairs, parse_counts, take_cases
+from bench.common import parse_counts, take_cases
+from lib.trainers.corpus import case_names
 
 
 def _folder(tmp_path: Path, files: list[str]) -> Path:
@@ -16,13 +18,13 @@ def _folder(tmp_path: Path, files: list[str]) -> Path:
     return tmp_path
 
 
-def test_case_pairs_lists_cases_with_both_files_sorted(tmp_path: Path) -> None:
+def test_case_names_lists_cases_with_both_files_sorted(tmp_path: Path) -> None:
     folder = _folder(
         tmp_path,
         ["b_ct.nii.gz", "b_gtv.nii.gz", "a_ct.nii.gz", "a_gtv.nii.gz", "ct_only_ct.nii.gz", "gtv_only_gtv.nii.gz",
          "c_ct.nii", "c_gtv.nii.gz", "notes.txt"],
     )  # fmt: skip
-    assert case_pairs(folder) == ["a", "b"]
+    assert case_names(folder) == ["a", "b"]
 
 
 def test_take_cases_first_n_in_name_order(tmp_path: Path) -> None:
