@@ -54,10 +54,15 @@ PAGE = """<!doctype html>
 """
 
 
-def _tail(path: str, lines: int) -> str:
-    """The last ``lines`` lines of the log (0: all of it), or 404 when there is no log file."""
+def _require(path: str) -> None:
+    """404 when the server has no log file."""
     if not os.path.isfile(path):
         raise HTTPException(status_code=404, detail="the server has no log file (logs/app.log in the app folder)")
+
+
+def _tail(path: str, lines: int) -> str:
+    """The last ``lines`` lines of the log (0: all of it), or 404 when there is no log file."""
+    _require(path)
     with open(path, errors="replace") as f:
         return "".join(deque(f, lines) if lines > 0 else f)
 
@@ -73,8 +78,7 @@ def logs_router(log_file: str) -> APIRouter:
         refresh: Annotated[int, Query(ge=0, le=MAX_REFRESH_S, description="page reload, s (at least 3)")] = 0,
     ) -> Response:
         if html and not text:
-            if not os.path.isfile(log_file):
-                raise HTTPException(status_code=404, detail="the server has no log file")
+            _require(log_file)
             every = f"setInterval(load, {max(refresh, 3) * 1000});" if refresh else ""
             page = PAGE.format(lines=lines, refresh=every)
             return HTMLResponse(page, headers={"content-security-policy": LOGPAGE_CSP, "cache-control": "no-store"})
