@@ -78,6 +78,8 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/train/"): Sample("/train/", (200, 404)),  # 404: no training has run yet
     ("GET", "/scoring/"): Sample("/scoring/", (200, 404)),
     ("GET", "/batch/infer"): Sample("/batch/infer", (200, 404)),
+    ("GET", "/dashboard/"): Sample("/dashboard/"),
+    ("GET", "/dashboard/data"): Sample("/dashboard/data"),
     ("PUT", "/datastore/image"): Sample(
         "/datastore/image?image=uploaded",
         (200,),

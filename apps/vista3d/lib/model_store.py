@@ -2,7 +2,7 @@
 
 Layout of the store folder::
 
-    manifest.json   which version is served, every kept version's validation figures, past rounds
+    manifest.json   which version is served, every kept version's validation figures, past rounds, rollbacks
     v1.pt, v2.pt    learned versions (float16 state dicts); version 0 is the configured base weights
     split.json      the validation split (:mod:`.trainers.split`)
 
@@ -155,6 +155,8 @@ class ModelStore:
         older = [int(v["version"]) for v in m["versions"] if int(v["version"]) < int(m["served"])]
         if not older:
             raise ValueError(f"no version older than v{m['served']} is kept in {self.root}")
+        back = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "from": int(m["served"]), "to": max(older)}
+        m["rollbacks"] = [*m.get("rollbacks", []), back][-KEEP_ROUNDS:]  # the served version's history (dashboard)
         m["served"] = max(older)
         write_json(self.manifest_path, m)
         logger.warning("Rolled back to v%d", m["served"])

@@ -36,18 +36,21 @@ from ..labels import LabelDictionary, load_label_dictionary
 from ..model import LoadedModel, patch_size_for
 
 __all__ = [
+    "COOLDOWN_S",
     "UNCERTAINTY_KEY",
     "Uncertainty",
     "UncertaintyScoring",
     "binary_entropy",
     "class_logits",
     "image_uncertainty",
+    "ranked",
     "whole_volume_window",
 ]
 
 logger = logging.getLogger(__name__)
 
 UNCERTAINTY_KEY = "vista3d_uncertainty"
+COOLDOWN_S = 3600.0  # an image handed out this recently goes to the back of the queue
 # Classes whose logits are held at once: bounds memory (127 classes of a 96³ window are 450 MB in float32).
 CLASS_CHUNK = 16
 
@@ -236,6 +239,22 @@ class UncertaintyScoring(ScoringMethod):
         return {"version": model.version, "scored": scored, "skipped": skipped, "failed": failed, "images_per_s": rate}
 
 
+def ranked(datastore: Datastore, images: Sequence[str], strategy: str | None, cooldown_s: float) -> list[str]:
+    """``images`` in the order :class:`Uncertainty` hands them out (the dashboard shows this queue).
+
+    Not served by ``strategy`` within ``cooldown_s`` first, then unscored, then highest score, then id.
+    """
+    now = time.time()
+
+    def rank(image_id: str) -> tuple[bool, bool, float, str]:
+        info = datastore.get_image_info(image_id)
+        served = info.get("strategy", {}).get(strategy, {}).get("ts", 0) if strategy else 0
+        score = (info.get(UNCERTAINTY_KEY) or {}).get("score")
+        return (now - served < cooldown_s, score is not None, -(score or 0.0), image_id)
+
+    return sorted(images, key=rank)
+
+
 class Uncertainty(Strategy):
     """Serves the unlabelled image (no ``final`` label) with the highest stored uncertainty.
 
@@ -246,7 +265,7 @@ class Uncertainty(Strategy):
     all others, so two annotators asking at once get different images.
     """
 
-    def __init__(self, cooldown_s: float = 3600.0) -> None:
+    def __init__(self, cooldown_s: float = COOLDOWN_S) -> None:
         super().__init__("Most uncertain unlabelled image (class-head entropy); unscored images first")
         self.cooldown_s = cooldown_s
 
@@ -254,17 +273,7 @@ class Uncertainty(Strategy):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         if not images:
             return {}
-        strategy = request.get("strategy")
-        now = time.time()
-
-        def rank(image_id: str) -> tuple[bool, bool, float, str]:
-            info = datastore.get_image_info(image_id)
-            served = info.get("strategy", {}).get(strategy, {}).get("ts", 0) if strategy else 0
-            score = (info.get(UNCERTAINTY_KEY) or {}).get("score")
-            # Sorted ascending: not recently served, then unscored, then highest score, then id.
-            return (now - served < self.cooldown_s, score is not None, -(score or 0.0), image_id)
-
-        best = min(images, key=rank)
+        best = ranked(datastore, images, request.get("strategy"), self.cooldown_s)[0]
         score = (datastore.get_image_info(best).get(UNCERTAINTY_KEY) or {}).get("score")
         logger.info("Uncertainty: selected %s (score %s) among %d unlabelled images", best, score, len(images))
         return {"id": best, "uncertainty": score}

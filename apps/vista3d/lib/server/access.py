@@ -71,6 +71,8 @@ RULES: tuple[Rule, ...] = (
     Rule("GET", "/train/", U, "training status"),
     Rule("GET", "/scoring/", U, "scoring status"),
     Rule("GET", "/batch/infer", U, "batch inference status"),
+    Rule("GET", "/dashboard/", U, "the team dashboard (reviewer, admin: everybody's work; others: their own)"),
+    Rule("GET", "/dashboard/data", U, "the dashboard's figures as JSON (scoped as the page)"),
     # Saving labels and uploading images: annotator.
     Rule("PUT", "/datastore/image", A, "upload an image"),
     Rule("PUT", "/datastore/image/info", A, "change an image's info"),

@@ -35,6 +35,7 @@ from ..model import patch_size_for
 from ..settings import Settings, users_path
 from .access import RULES
 from .auth import Authenticator, Identity
+from .dashboard_route import dashboard_router
 from .datastore_routes import datastore_router
 from .edge import AccessMiddleware
 from .errors import install_error_handlers
@@ -180,6 +181,7 @@ def create_app() -> FastAPI:
         datastore_router(),
         task_router(),
         logs_router(os.path.join(ml_settings.MONAI_LABEL_APP_DIR, "logs", "app.log")),
+        dashboard_router(edge.scheduler, settings),
     ]
     for router in ours:
         app.include_router(router)

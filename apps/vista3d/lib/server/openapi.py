@@ -212,6 +212,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/batch/infer"): Operation({404: "no batch inference has run (or none is running)"}),
     ("GET", "/logs/"): Operation({404: "the server has no log file"}, content=("text/html", "text/plain")),
     ("GET", "/logs/gpu"): Operation({404: "this server has no GPU"}, content=("text/plain",)),
+    ("GET", "/dashboard/"): Operation(content=("text/html",)),
 }
 
 

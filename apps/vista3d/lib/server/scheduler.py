@@ -27,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STOPPING_RETRY_S = 30  # Retry-After of the answers of a stopping server: about a restart
+RECENT_JOBS = 200  # finished jobs kept for the dashboard's latency plot
 
 
 class Kind(IntEnum):
@@ -100,6 +102,7 @@ class Scheduler:
         self._holder: Job | None = None
         self._stopping: str | None = None  # why the scheduler takes no more work (see shutdown)
         self._seconds: dict[Kind, float] = {Kind.CLICK: 1.0, Kind.AUTO: 60.0}  # recent durations (moving average)
+        self._finished: deque[dict[str, Any]] = deque(maxlen=RECENT_JOBS)
         self._executor = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="infer")
 
     def submit(self, kind: Kind, user: str, image: str, work: Callable[[Job], T]) -> tuple[Job, Future[T]]:
@@ -214,11 +217,24 @@ class Scheduler:
                 self._cond.notify_all()
 
     def _record(self, job: Job) -> None:
-        """Fold the job's time (wall clock since it first started, pauses included) into its kind's average."""
+        """Fold the job's time (wall clock since it first started, pauses included) into its kind's average, and
+        keep the job among the recently finished (:meth:`recent`)."""
         if job.started is not None:
             with self._cond:
-                seconds = time.monotonic() - job.started
+                now = time.monotonic()
+                seconds = now - job.started
                 self._seconds[job.kind] = 0.7 * self._seconds[job.kind] + 0.3 * seconds
+                waited, latency = job.started - job.submitted, now - job.submitted
+                kind = job.kind.name.lower()
+                self._finished.append({"kind": kind, "finished": time.time(), "waited_s": waited, "seconds": latency})
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The last finished jobs, oldest first: kind, when (epoch s), queued time and latency (submitted to done, s).
+
+        Users are left out: the dashboard shows latencies to everybody who may see the queue.
+        """
+        with self._cond:
+            return [dict(job) for job in self._finished]
 
     def _eta(self, job: Job | None) -> int:
         """Seconds until ``job`` (or a new auto) could start: the estimated rest of the jobs ahead of it."""
