@@ -132,9 +132,9 @@ def _rounds(learning: dict[str, Any]) -> str:
     return _table("rounds", head, rows)
 
 
-def _learning(learning: dict[str, Any]) -> str:
+def _learning(learning: dict[str, Any], now: str) -> str:
     served = _figure(
-        plots.served_versions_svg(learning),
+        plots.served_versions_svg(learning, now),
         "Served version over time: a step at each promotion and rollback.",
         f"Served: v{learning['served_version']}. No round has promoted a version yet; each promotion and rollback "
         "will appear here as a step.",
@@ -229,7 +229,7 @@ def render_page(data: dict[str, Any]) -> tuple[str, str]:
         nonce=nonce,
         refresh=f'<meta http-equiv="refresh" content="{REFRESH_S}">' if running else "",
         header=_header(data),
-        learning=_learning(data["learning"]),
+        learning=_learning(data["learning"], data["generated"]),
         work=_work(data),
         next=_next(data),
     )

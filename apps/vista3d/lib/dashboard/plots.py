@@ -20,12 +20,13 @@ import matplotlib
 from matplotlib.axes import Axes
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 __all__ = ["corrections_svg", "labels_per_day_svg", "latency_svg", "served_versions_svg", "validation_svg"]
 
 SIZE = (6.4, 3.0)  # inches; drawn at 100 px an inch
 TIME_AXIS = "time (server time)"
+MIN_SPAN_DAYS = 1 / 24  # an hour
 METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.DOTALL)  # RDF about matplotlib: nothing a reader needs
 # rc_context changes matplotlib's process-wide settings: one drawing at a time (requests run in threads).
 _LOCK = threading.Lock()
@@ -49,7 +50,11 @@ def _times(values: list[str]) -> list[float]:
     return [float(date2num(datetime.fromisoformat(v))) for v in values]
 
 
-def _date_axis(axes: Axes) -> None:
+def _date_axis(axes: Axes, times: list[float]) -> None:
+    """A time axis over ``times`` (date numbers), at least :data:`MIN_SPAN_DAYS` wide: one point is not years."""
+    lo, hi = min(times), max(times)
+    pad = max((hi - lo) * 0.05, MIN_SPAN_DAYS / 2)
+    axes.set_xlim(lo - pad, hi + pad)
     axes.xaxis_date()
     locator = AutoDateLocator()
     axes.xaxis.set_major_locator(locator)
@@ -57,8 +62,8 @@ def _date_axis(axes: Axes) -> None:
     axes.set_xlabel(TIME_AXIS)
 
 
-def served_versions_svg(learning: dict[str, Any]) -> str | None:
-    """The served version over time: a step at every promotion and rollback."""
+def served_versions_svg(learning: dict[str, Any], now: str) -> str | None:
+    """The served version over time, until ``now``: a step at every promotion and rollback."""
     history = learning["served_history"]
     if not history:
         return None
@@ -66,15 +71,17 @@ def served_versions_svg(learning: dict[str, Any]) -> str | None:
     def draw(axes: Axes) -> None:
         times = _times([e["at"] for e in history])
         versions = [e["version"] for e in history]
-        axes.step(times, versions, where="post", color="tab:blue")
+        line = [*times, *_times([now])], [*versions, learning["served_version"]]
+        axes.step(*line, where="post", color="tab:blue")
         for event, marker, colour in (("promoted", "o", "tab:green"), ("rolled back", "v", "tab:red")):
             points = [(t, v) for t, v, e in zip(times, versions, history, strict=True) if e["event"] == event]
             if points:
                 axes.scatter(*zip(*points, strict=True), marker=marker, color=colour, label=event, zorder=3)
         axes.set_ylabel("served version")
+        axes.set_ylim(-0.5, max(line[1]) + 0.5)
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(loc="upper left")
-        _date_axis(axes)
+        _date_axis(axes, line[0])
 
     return _render("served", draw)
 
@@ -133,13 +140,13 @@ def corrections_svg(work: dict[str, Any], learning: dict[str, Any]) -> str | Non
             mine = [s for s in scored if s["user"] == user]
             percent = [100 * s["corrected_fraction"] for s in mine]
             axes.plot(_times([s["submitted"] for s in mine]), percent, "o", label=user)
-        for event in learning["served_history"]:
-            if event["event"] == "promoted":
-                axes.axvline(_times([event["at"]])[0], color="tab:green", alpha=0.5, linestyle=":")
+        promotions = _times([e["at"] for e in learning["served_history"] if e["event"] == "promoted"])
+        for at in promotions:
+            axes.axvline(at, color="tab:green", alpha=0.5, linestyle=":")
         axes.set_ylabel("labelled voxels corrected (%)")
         axes.set_ylim(0, 100)
         axes.legend(loc="upper right", title="annotator (dotted: new version)")
-        _date_axis(axes)
+        _date_axis(axes, [*_times([s["submitted"] for s in scored]), *promotions])
 
     return _render("corrections", draw)
 
@@ -156,8 +163,9 @@ def latency_svg(next_up: dict[str, Any]) -> str | None:
             if mine:
                 axes.plot(_times([j["finished"] for j in mine]), [j["seconds"] for j in mine], marker, label=kind)
         axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(ScalarFormatter())  # 0.5, 1, 10 rather than powers of ten
         axes.set_ylabel("latency (s, request to result)")
         axes.legend(loc="upper left")
-        _date_axis(axes)
+        _date_axis(axes, _times([j["finished"] for j in jobs]))
 
     return _render("latency", draw)
