@@ -70,8 +70,8 @@ def test_learning_figures_follow_the_manifest() -> None:
 
 
 def test_the_running_round_is_read_from_the_training_processes_lines() -> None:
-    # lib.trainers.schedule.run_steps's line, as MONAI Label's task keeps the process's output
-    line = "[2026-12-04 06:00:00,000] [77] [MainThread] [INFO] (lib.trainers.schedule:189) - point: step 50/200 "
+    # lib.trainers.schedule.run_steps's line as a learning-curve run logged it, and MONAI Label's task keeps it
+    line = "2026-12-04 06:04:24,562 INFO lib.trainers.schedule: point[rank 0]: step 50/200 "
     task = {"status": "RUNNING", "start_ts": "2026-12-04 05:59:00", "request": {"model": "point"},
             "details": ["loading", line + "loss(avg20) 0.8125, 3.10 s/step", "Early stop check"]}  # fmt: skip
     progress = round_progress(task)

@@ -29,6 +29,8 @@ from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 
+from lib.dashboard.learning import STEP_LINE
+
 from ..conftest import PASSWORD, ROOT, STS, Server, running_server
 from ..helpers import deepest_voxel, nifti_bytes
 
@@ -141,6 +143,8 @@ def test_the_figures_are_the_model_stores_and_the_datastores(team: tuple[Server,
     assert round_["promoted"] == 1 and round_["gate"] == manifest["rounds"][0]["gate"]
     assert round_["held_back"] == ["STS_003"] and round_["steps"] == ROUND["steps"]
     assert [e["version"] for e in learning["served_history"]] == [1] and learning["rollback_to"] == 0
+    # the running round's progress is read from this line of the training process (MONAI Label logs it too)
+    assert any(STEP_LINE.search(line) for line in server.log_text().splitlines()), "no step line to read progress from"
 
     work = data["work"]
     assert work["annotators"] == ["alice", "bob"]

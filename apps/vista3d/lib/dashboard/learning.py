@@ -13,11 +13,11 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-__all__ = ["click_curve", "learning_figures", "parse_time", "round_progress"]
+__all__ = ["STEP_LINE", "click_curve", "learning_figures", "parse_time", "round_progress"]
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # the manifest's and MONAI Label's task times (server time)
-# lib.trainers.schedule.run_steps logs this every 25 steps and at the last one.
-STEP_LINE = re.compile(r"(\w+): step (\d+)/(\d+) loss\(avg20\) ([-\d.einf]+), ([\d.]+) s/step")
+# lib.trainers.schedule.run_steps logs this every 25 steps and at the last one ("point[rank 0]: step 25/200 ...").
+STEP_LINE = re.compile(r": step (\d+)/(\d+) loss\(avg20\) ([-+\d.eainf]+), ([\d.]+) s/step")
 DICE_KEY = re.compile(r"^dice_(\d+)$")
 
 
@@ -130,8 +130,8 @@ def round_progress(task: Mapping[str, Any] | None) -> dict[str, Any] | None:
     for line in reversed(list(task.get("details") or [])):
         match = STEP_LINE.search(str(line))
         if match:
-            step, steps, rate = int(match.group(2)), int(match.group(3)), float(match.group(5))
-            progress.update(stage="training", step=step, steps=steps, loss=float(match.group(4)), s_per_step=rate)
+            step, steps, rate = int(match.group(1)), int(match.group(2)), float(match.group(4))
+            progress.update(stage="training", step=step, steps=steps, loss=float(match.group(3)), s_per_step=rate)
             progress["seconds_left"] = round((steps - step) * rate)
             break
     return progress
