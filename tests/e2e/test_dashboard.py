@@ -4,10 +4,10 @@ One server and one round serve every test here (the round is the costly part): a
 labels, bob one, each with the model's proposal (tag ``original``) so that the ``dice`` scoring
 method records how much was corrected; an admin starts a 2-step point round that the gate promotes
 (tolerance 1.0: the round's figures, not its quality, are under test); bob is handed the
-unlabelled image by uncertainty sampling and alice clicks once. Then the JSON is checked against the
-model store's manifest and the datastore, the page is opened in headless Chromium as the reviewer
-(everything), alice (her own work only) and the admin (who rolls back from the page), and each view
-is saved to ``artifacts/dashboard/``.
+unlabelled image by uncertainty sampling and alice clicks once; the dashboard is read while the round
+runs. Then the JSON is checked against the model store's manifest and the datastore, the page is
+opened in headless Chromium as the reviewer (everything), alice (her own work only) and the admin
+(who rolls back from the page), and each view is saved to ``artifacts/dashboard/``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,19 @@ def _wait_for_round(server: Server, token: str, timeout: float) -> None:
     raise AssertionError(f"the round did not finish in {timeout:.0f} s:\n{server.log_text()[-4000:]}")
 
 
+@dataclass(frozen=True)
+class Team:
+    """The server after the team's work (see the module docstring), a token per user, and the dashboard's JSON
+    and page as the reviewer got them while the round ran."""
+
+    server: Server
+    tokens: dict[str, str]
+    during_round: dict[str, Any]
+    page_during_round: str
+
+
 @pytest.fixture(scope="module")
-def team(tmp_path_factory: pytest.TempPathFactory, test_weights: Path) -> Iterator[tuple[Server, dict[str, str]]]:
-    """The server after the team's work (see the module docstring), and a token per user."""
+def team(tmp_path_factory: pytest.TempPathFactory, test_weights: Path) -> Iterator[Team]:
     from lib.server.users import Role, UserStore
 
     root = tmp_path_factory.mktemp("dashboard-studies")
@@ -113,8 +124,10 @@ def team(tmp_path_factory: pytest.TempPathFactory, test_weights: Path) -> Iterat
             timeout=300,
         )
         assert click.status_code == 200, click.text
+        during = _data(server, tokens["rita"])
+        page = requests.get(f"{server.url}/dashboard/", headers=_as(tokens["rita"]), timeout=60).text
         _wait_for_round(server, tokens["ada"], 400)
-        yield server, tokens
+        yield Team(server, tokens, during, page)
 
 
 def _data(server: Server, token: str) -> dict[str, Any]:
@@ -129,8 +142,8 @@ def _info(server: Server, token: str, what: str, **params: str) -> dict[str, Any
     return dict(response.json())
 
 
-def test_the_figures_are_the_model_stores_and_the_datastores(team: tuple[Server, dict[str, str]]) -> None:
-    server, tokens = team
+def test_the_figures_are_the_model_stores_and_the_datastores(team: Team) -> None:
+    server, tokens = team.server, team.tokens
     data = _data(server, tokens["rita"])
     manifest = json.loads((server.studies / ".vista3d" / "models" / "manifest.json").read_text())
     learning = data["learning"]
@@ -161,10 +174,15 @@ def test_the_figures_are_the_model_stores_and_the_datastores(team: tuple[Server,
     assert [j["kind"] for j in data["next"]["latencies"]] == ["click"]
 
 
-def test_an_annotator_sees_only_their_own_work_and_anonymous_must_sign_in(
-    team: tuple[Server, dict[str, str]],
-) -> None:
-    server, tokens = team
+def test_the_running_round_is_shown_while_it_runs(team: Team) -> None:
+    running = team.during_round["learning"]["running_round"]
+    assert running is not None and running["kind"] == "point" and running["started"], running
+    assert running["stage"] in ("training", "preparing: loading labels, scoring the served model")
+    assert '<meta http-equiv="refresh"' in team.page_during_round and "point round started" in team.page_during_round
+
+
+def test_an_annotator_sees_only_their_own_work_and_anonymous_must_sign_in(team: Team) -> None:
+    server, tokens = team.server, team.tokens
     alice = _data(server, tokens["alice"])
     assert alice["viewer"] == {"name": "alice", "role": "annotator", "sees": "own"}
     assert alice["work"]["annotators"] == ["alice"] and {s["image"] for s in alice["work"]["submissions"]} == {
@@ -221,10 +239,10 @@ class DashboardPage:
 
 
 @pytest.fixture(scope="module")
-def page(team: tuple[Server, dict[str, str]], browser: webdriver.Chrome) -> DashboardPage:
+def page(team: Team, browser: webdriver.Chrome) -> DashboardPage:
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
-    return DashboardPage(browser, team[0])
+    return DashboardPage(browser, team.server)
 
 
 @pytest.mark.e2e
@@ -247,12 +265,12 @@ def test_the_reviewer_sees_the_teams_figures_and_the_annotator_her_own(page: Das
 
 
 @pytest.mark.e2e
-def test_the_admin_rolls_back_from_the_page(page: DashboardPage, team: tuple[Server, dict[str, str]]) -> None:
+def test_the_admin_rolls_back_from_the_page(page: DashboardPage, team: Team) -> None:
     page.open_as("ada")
     page.driver.find_element(By.ID, "rollback").click()
     page.driver.switch_to.alert.accept()
     page.wait(lambda: "Learning: served v0" in page.text("learning"), "the page reloaded on v0")
-    manifest = json.loads((team[0].studies / ".vista3d" / "models" / "manifest.json").read_text())
+    manifest = json.loads((team.server.studies / ".vista3d" / "models" / "manifest.json").read_text())
     assert manifest["served"] == 0 and manifest["rollbacks"][0]["to"] == 0
     assert page.has("plot-served") and page.policy_violations() == []
     page.screenshot("admin-after-rollback")
