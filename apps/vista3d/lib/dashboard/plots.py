@@ -103,7 +103,7 @@ def validation_svg(learning: dict[str, Any]) -> str | None:
         axes.set_xlabel("version (validation images it was scored on)")
         axes.set_ylabel("validation Dice (0-1)")
         axes.set_ylim(0, 1)
-        axes.legend(loc="lower right")
+        axes.legend(loc="best")
 
     return _render("validation", draw)
 
