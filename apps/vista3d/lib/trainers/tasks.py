@@ -44,7 +44,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..inference.precision import Precisions
 from ..labels import LabelDictionary
-from ..model import LoadedModel, patch_size_for
+from ..model import LoadedModel, build_network, patch_size_for
 from ..model_store import ModelStore, ServedVersion
 from ..settings import Settings
 from .auto_trainer import AutoTrainer
@@ -87,11 +87,16 @@ def train_point(
     rank: int = 0,
     world: int = 1,
     stop_when: Callable[[int], bool] | None = None,
+    grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
 ) -> TrainStats:
-    """The point branch's training loop, shared by single- and multi-process runs and the benchmarks."""
+    """The point branch's training loop, shared by single- and multi-process runs and the benchmarks.
+
+    ``grad_sync`` averages gradients over the ranks; by default the process group's all-reduce when
+    ``world > 1`` (a test passes an in-process one to check the arithmetic).
+    """
     seed_everything(req.seed + rank)
     config = PointTrainConfig(rounds=req.rounds, special=special, train_encoder=req.train_encoder)
-    sync = average_gradients if world > 1 else None
+    sync = grad_sync or (average_gradients if world > 1 else None)
     trainer = PointTrainer(network, config, lr=req.lr, seed=req.seed + rank, grad_sync=sync)
     sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed + rank, weights, FINETUNE_SUPERVOXELS)
     max_s = 60 * req.max_minutes if req.max_minutes and world == 1 else None
@@ -103,18 +108,25 @@ def train_point(
 def _point_worker(
     rank: int,
     world: int,
+    device: torch.device,
+    preset: str,
     state: dict[str, torch.Tensor],
-    network: VISTA3D,
     volumes: list[CachedVolume],
     weights: list[float],
     req: TrainRequest,
     special: frozenset[int],
     out: str,
+    threads: int,
 ) -> None:
+    """One rank: its own network, built from the CPU ``state`` on ``device``, ``threads`` torch threads
+    (a spawned process starts with every core); rank 0 writes the result."""
+    torch.set_num_threads(threads)
+    network = build_network(preset)
     network.load_state_dict(state)
+    network.to(device)
     stats = train_point(network, volumes, weights, req, special, rank, world)
     if rank == 0:
-        torch.save({"state": network.state_dict(), "stats": stats}, out)
+        torch.save({"state": {k: v.detach().cpu() for k, v in network.state_dict().items()}, "stats": stats}, out)
 
 
 @dataclass
@@ -143,7 +155,10 @@ class FineTuneTask(TrainTask):
         labels: LabelDictionary,
         studies: str | None,
         precisions: Precisions | None = None,
+        refused: str | None = None,
     ) -> None:
+        """``refused``: why this process may not train (``lib.inference.gpu_memory``); its rounds
+        record that reason, which ``/info`` shows as the last round's."""
         super().__init__(f"VISTA3D {self.kind} branch: fine-tune on final labels, promote if validation holds")
         self.settings = settings
         # Candidates are scored as the server answers (float32 where no precisions are given).
@@ -154,6 +169,7 @@ class FineTuneTask(TrainTask):
         self.labels = labels
         self.studies = studies
         self.split = ValidationSplit(store.root / "split.json")
+        self.refused = refused
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -199,6 +215,9 @@ class FineTuneTask(TrainTask):
         self.store.remove_temp_files()
         labelled = final_labels(datastore)
         served = self.store.served()
+        if self.refused is not None:
+            refusal = {"kind": self.kind, "from_version": served.version}
+            return self._record(refusal, self.refused, begin, [f.stamp for f in labelled])
         labels = round_labels(self.split, labelled, served.trained_on, req.holdback)
         req = replace(req, lr=round_lr(req.lr, labels.learned, req.lr_half_life))
         logger.info(
@@ -328,8 +347,12 @@ class PointTrainTask(FineTuneTask):
     ) -> Trained:
         """``world_size`` processes, the whole schedule (no early stop: every rank would have to agree)."""
         out = self.store.root / ".distributed-candidate.tmp"
-        state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        spawn(req.world_size, _point_worker, state, network, volumes, weights, req, self.labels.special, str(out))
+        # A CPU copy of the state, never the module: each rank builds its own network on its own device.
+        state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        device_type = next(network.parameters()).device.type
+        threads = max(1, self.settings.train_threads // req.world_size)  # the ranks share the round's threads
+        args = (self.model.preset, state, volumes, weights, req, self.labels.special, str(out), threads)
+        spawn(req.world_size, _point_worker, *args, device_type=device_type)
         result = torch.load(out, map_location="cpu", weights_only=False)
         out.unlink(missing_ok=True)
         network.load_state_dict(result["state"])
