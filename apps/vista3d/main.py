@@ -28,11 +28,12 @@ from lib.data.datastore import SafeLocalDatastore, UnknownImageError, check_plai
 from lib.data.dicomweb import open_dicomweb_datastore
 from lib.data.imageio import warm_up_writer
 from lib.inference.engine import Engine
+from lib.inference.gpu_memory import auto_budget_mb, place_process, warm_up
 from lib.inference.precision import Precisions, TrialCache, choose_precisions
 from lib.infers.vista3d import IMAGE_ID_KEY, UnknownModelError, Vista3DInfer
 from lib.labels import load_label_dictionary
 from lib.loop import LearningLoop, pending_labels
-from lib.model import load_model, patch_size_for, resolve_device
+from lib.model import load_model, patch_size_for
 from lib.model_store import ModelReloader, ModelStore
 from lib.server.launch import EDGE_ENV, bind_host, bind_port, getting_started, is_loopback
 from lib.server.threads import in_background_process, yield_to_serving
@@ -61,7 +62,9 @@ class MyApp(MONAILabelApp):
             yield_to_serving()
         self.model_dir = Path(app_dir) / "model"
         self.dictionary = load_label_dictionary()
-        device = resolve_device(self.settings.device)
+        # The server's device, or a round's (train_device: refused when it does not fit beside the server).
+        self.placement = place_process(self.settings, in_background_process(), patch_size_for(self.settings.preset)[0])
+        device = self.placement.choice.device
         logger.info("VISTA3D app: %s (torch threads %d)", self.settings, torch.get_num_threads())
         self.model = load_model(self.settings.preset, self.settings.weights, self.model_dir, device)
         self.store = ModelStore(self.settings.model_store or state_dir(studies, app_dir) / "models")
@@ -73,11 +76,14 @@ class MyApp(MONAILabelApp):
             overlap=self.dictionary.sw_overlap,
             special=self.dictionary.special,
             precision=self.precisions.click.precision,
-            auto_memory_mb=self.settings.auto_memory_mb,
+            auto_memory_mb=auto_budget_mb(self.settings, device),
             auto_precision=self.precisions.auto.precision,
         )
         self.sessions_store = SessionStore(self.settings.session_cache_mb * 1024 * 1024, self.settings.session_idle_s)
         warm_up_writer()
+        if device.type == "cuda" and not in_background_process():
+            precisions = {self.precisions.click.precision, self.precisions.auto.precision}
+            warm_up(self.model.network, patch_size_for(self.settings.preset), precisions)
         self.registry = ZeroShotRegistry(
             state_dir(studies, app_dir) / "zero_shot_labels.json", self.settings.zero_shot_names_per_hour
         )
@@ -139,7 +145,8 @@ class MyApp(MONAILabelApp):
     def init_trainers(self) -> dict[str, TrainTask]:
         studies = None if self.studies.startswith(("http://", "https://")) else self.studies
         args = (self.settings, self.model, self.store, self.dictionary, studies, self.precisions)
-        return {"point": PointTrainTask(*args), "auto": AutoTrainTask(*args)}
+        refused = self.placement.refused
+        return {"point": PointTrainTask(*args, refused=refused), "auto": AutoTrainTask(*args, refused=refused)}
 
     def on_init_complete(self) -> None:
         """Start the learning loop (server process only; training subprocesses never get here)."""

@@ -21,7 +21,7 @@ from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMapp
 from .atomic import replace_with
 from .labels import official_checkpoint
 
-__all__ = ["LoadedModel", "build_network", "load_model", "patch_size_for", "resolve_device", "save_state"]
+__all__ = ["LoadedModel", "build_network", "load_model", "patch_size_for", "save_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,6 @@ def patch_size_for(preset: str) -> tuple[int, int, int]:
     the held-out sarcoma cases.
     """
     return (128, 128, 128) if preset == "vista3d" else (64, 64, 64)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def md5sum(path: str | Path) -> str:

@@ -55,6 +55,22 @@ def _parse_number(key: str, value: str, kind: type, minimum: float) -> Any:
     return n
 
 
+def _parse_device(key: str, value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; whether that GPU exists is checked at start-up."""
+    value = value.strip()
+    index = value.removeprefix("cuda:")
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isdigit()):
+        return value
+    raise ValueError(f"--conf {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def _parse_fraction(key: str, value: str) -> float:
+    n = _parse_number(key, value, float, minimum=0.0)
+    if not 0.0 < n <= 1.0:
+        raise ValueError(f"--conf {key} must be in (0, 1], got {n}")
+    return float(n)
+
+
 def _parse_origins(value: str) -> tuple[str, ...]:
     """``https://a.example, https://b.example`` -> a tuple; ``*`` is refused (it would admit every site)."""
     origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
@@ -75,7 +91,16 @@ class Settings:
             checkpoint (md5 checked) into the app's ``model/`` folder; ``starter`` (the default of
             ``small``) is the checkpoint shipped in ``weights/``; ``none`` means random
             initialisation (a loud warning).
-        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+        device: ``auto`` (the current GPU where the installed torch has kernels for it, else the CPU;
+            the log says why), ``cpu`` or ``cuda[:N]`` (checked at start, made the current device).
+        train_device: where training rounds and scoring run: ``auto`` (the server's device; on a GPU
+            only when the round's estimate fits under ``train_gpu_memory_fraction`` and in the free
+            memory, else the round is refused with the reason, see ``lib.inference.gpu_memory``),
+            ``cpu`` or ``cuda[:N]``.
+        gpu_memory_fraction: the share of its GPU's memory the server process may allocate
+            (``torch.cuda.set_per_process_memory_fraction``); the rest is for rounds and CUDA contexts.
+        train_gpu_memory_fraction: the same cap for a training or scoring process on a GPU.
+        auto_gpu_memory_mb: ``auto_memory_mb`` on a GPU (0: a quarter of what the server may allocate).
         threads: torch intra-op threads; defaults to the cores this process may use (its CPU
             affinity, bounded by a cgroup CPU quota).
         precision: the click path's: ``auto`` (default) decides at start-up from the device and a
@@ -127,6 +152,10 @@ class Settings:
     preset: str = "small"
     weights: str = "starter"
     device: str = "auto"
+    train_device: str = "auto"
+    gpu_memory_fraction: float = 0.5
+    train_gpu_memory_fraction: float = 0.45
+    auto_gpu_memory_mb: int = 0
     threads: int = field(default_factory=available_cores)
     precision: str = "auto"
     auto_precision: str = "auto"
@@ -173,6 +202,12 @@ class Settings:
                 if value not in AUTH_MODES:
                     raise ValueError(f"--conf auth must be one of {AUTH_MODES}, got {value!r}")
                 values[key] = value
+            elif key in ("device", "train_device"):
+                values[key] = _parse_device(key, value)
+            elif key in ("gpu_memory_fraction", "train_gpu_memory_fraction"):
+                values[key] = _parse_fraction(key, value)
+            elif key == "auto_gpu_memory_mb":
+                values[key] = _parse_number(key, value, int, minimum=0)
             elif key == "cors_origins":
                 values[key] = _parse_origins(value)
             elif key in (

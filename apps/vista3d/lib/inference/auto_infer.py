@@ -305,14 +305,15 @@ def auto_segment(
     return out
 
 
-def window_workers(patch: Sequence[int], threads: int) -> int:
+def window_workers(patch: Sequence[int], threads: int, device: torch.device | None = None) -> int:
     """How many windows to compute at once: one per thread (at most 4) for windows of 64³ or less.
 
     A ``small`` window's low-resolution levels (8³ and 4³ at batch 1) cannot keep two threads busy:
     on 2 cores one window at a time took 144 ms per window with 2 threads, two at once 120 ms with
     one thread each. ``vista3d``'s 128³ windows keep every thread busy (and two would double the
-    working memory), so they are computed one at a time.
+    working memory), so they are computed one at a time. On a GPU the windows' kernels run one after
+    another on one stream whatever the threads: one worker.
     """
-    if math.prod(patch) > 64**3:
+    if math.prod(patch) > 64**3 or (device is not None and device.type == "cuda"):
         return 1
     return max(1, min(threads, MAX_WINDOW_WORKERS))

@@ -166,7 +166,7 @@ class Engine:
             dtype=autocast_dtype(self.auto_precision),
             budget_bytes=self.auto_memory_mb * 2**20,
             on_window=on_window,
-            workers=window_workers(self.patch, most),
+            workers=window_workers(self.patch, most, self.model.device),
             threads=threads,
         )
 

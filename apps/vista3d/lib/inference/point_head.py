@@ -99,8 +99,10 @@ def predict(
     src = src.transpose(1, 2).reshape(b, c, h, w, d)
     upscale = head.output_upscaling
     x = upscale[2](upscale[1](upscale[0](src)))  # transposed conv, instance norm, GELU
-    # A single-output convolution runs about twice as fast on channels-last input on CPU.
-    x = x.contiguous(memory_format=torch.channels_last_3d)
+    # A single-output convolution runs about twice as fast on channels-last input on CPU; unmeasured
+    # on a GPU (cuDNN may add transposes), so kept to the CPU.
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     last = cast(nn.Conv3d, upscale[3])
     weight = torch.einsum("c,cixyz->ixyz", hyper, last.weight).unsqueeze(0)  # fold the projection in
     bias = (hyper @ last.bias).reshape(1)

@@ -20,6 +20,7 @@ from monailabel.transform.writer import Writer
 
 from ..data.imageio import label_ids, load_label, to_tensor
 from ..inference.engine import Engine
+from ..inference.gpu_memory import free_on_oom
 from ..inference.precision import Precisions
 from ..inference.segment import ClickEdit, new_state, segment_auto, segment_points
 from ..labels import LabelDictionary
@@ -115,6 +116,11 @@ class Vista3DInfer(InferTask):
         return info
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """:meth:`segment`; a GPU out-of-memory error frees the request's memory and answers 503
+        (:func:`~lib.inference.gpu_memory.free_on_oom`)."""
+        return free_on_oom(lambda: self.segment(request))
+
+    def segment(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """Validate everything (prompt, output options, image, points, uploaded label), then segment.
 
         Raises the core's errors unchanged (the serving edge maps them to status codes):

@@ -15,6 +15,7 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 
 from ..data.datastore import DatastoreError, UnknownImageError
 from ..data.imageio import ImageError
+from ..inference.gpu_memory import GpuOutOfMemory
 from ..infers.vista3d import UnknownModelError
 from ..prompts import PromptError
 from ..zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited
@@ -36,6 +37,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ZeroShotRateLimited, 429),
     (ClientGone, 499),  # nobody reads it: the client closed the connection (nginx's code)
     (Busy, 503),  # not served in time; Retry-After estimated from the jobs ahead
+    (GpuOutOfMemory, 503),  # the request's GPU memory is freed; Retry-After: a few seconds
 )
 
 
