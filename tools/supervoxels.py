@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compactness", type=float, help="default 0.01 (sam) / 0.1 (lowlevel)")
     p.add_argument("--slices-per-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="SAM's device: auto (a GPU torch has kernels for), cpu, cuda:N")
     args = p.parse_args(argv)
     if not args.studies.is_dir():
         p.error(f"no datastore folder {args.studies}")
@@ -42,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sam_checkpoint:
         if not args.sam_checkpoint.is_file():
             p.error(f"no SAM checkpoint at {args.sam_checkpoint}")
+        from lib.inference.hardware import select_device, use_device
         from lib.supervoxels.sam_features import load_sam
 
-        sam = load_sam(args.sam_model, args.sam_checkpoint)
+        choice = select_device(args.device)
+        use_device(choice)
+        sam = load_sam(args.sam_model, args.sam_checkpoint, str(choice.device))
     default = SlicConfig() if sam else LOWLEVEL_CONFIG
     compactness = args.compactness if args.compactness is not None else default.compactness
     config = SlicConfig(n_segments=args.n_segments, compactness=compactness, sigma=args.sigma)

@@ -102,7 +102,7 @@ def train_auto_branch(network: VISTA3D, args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     size = patch_size_for("small")[0]
     crops = organ_crops(volume.image, volume.label, args.auto_crops, size, rng, anywhere=args.auto_anywhere)
-    stats = train_auto_cached(network.to("cpu"), crops, args.auto_steps, args.auto_lr, seed=args.seed)
+    stats = train_auto_cached(network, crops, args.auto_steps, args.auto_lr, seed=args.seed)
     return {
         "steps": stats.steps, "crops": len(crops), "anywhere": args.auto_anywhere, "lr": args.auto_lr,
         "seconds": round(stats.seconds, 1),

@@ -100,9 +100,13 @@ def train_auto_cached(
     """Train ``up_layers_auto`` and the class head (one-cycle schedule); the rest is frozen and unchanged."""
     start = time.perf_counter()
     encoder = _encoder(network)
+    device = next(network.parameters()).device  # crops, cached levels and the class vector follow it
     network.eval()
     with torch.no_grad():  # inputs of the decoder's training graph, computed once
-        cached = [([t.clone() for t in encoder.encoder(x)], y) for x, y in tqdm(crops, desc="encode", unit="crop")]
+        cached = [
+            ([t.clone() for t in encoder.encoder(x.to(device))], y.to(device))
+            for x, y in tqdm(crops, desc="encode", unit="crop")
+        ]
     logger.info("Encoded %d crops in %.0f s", len(cached), time.perf_counter() - start)
     params = [p for m in (encoder.up_layers_auto, network.class_head) for p in m.parameters()]
     for p in network.parameters():
@@ -111,7 +115,7 @@ def train_auto_cached(
         p.requires_grad_(True)
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
-    vector = torch.tensor(list(classes)).unsqueeze(1)
+    vector = torch.tensor(list(classes), device=device).unsqueeze(1)
     rng = np.random.default_rng(seed)
     encoder.up_layers_auto.train()
     network.class_head.train()

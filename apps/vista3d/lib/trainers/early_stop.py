@@ -19,7 +19,6 @@ undo it: in the learning curve from earlier start weights, rounds 3 and 4 each f
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -103,7 +102,8 @@ class EarlyStop:
         self.history.append((step, mean))
         if self._best_state is None or mean > self._mean(self.best_scores):
             self.best_scores, self.best_step = scores, step
-            self._best_state = copy.deepcopy(self.network.state_dict())
+            # On the CPU: a GPU round's peak memory must not hold a second copy of the weights.
+            self._best_state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
         if mean > self._mark + self.min_gain:
             self._mark, self._misses = mean, 0
         else:

@@ -102,4 +102,4 @@ def train_point_recipe(
     stats = run_steps(
         trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s, checkpoint=checkpoint
     )
-    return network.cpu(), stats
+    return network, stats
