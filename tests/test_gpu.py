@@ -8,6 +8,10 @@ for a CUDA allocation that fails). ``bench/gpu_check.py`` runs the real checks o
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -195,3 +199,15 @@ def test_gpu_out_of_memory_answers_503_frees_and_keeps_serving(monkeypatch: pyte
 def test_other_errors_pass_through_unchanged() -> None:
     with pytest.raises(KeyError):
         free_on_oom(lambda: {}["x"])
+
+
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path: Path) -> None:
+    """``bench/gpu_check.py`` with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``), as on a CPU machine."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "gpu_check.py", "--out", str(out)]
+    done = subprocess.run(command, cwd=bench, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device here" in done.stdout
+    assert json.loads(out.read_text()) == {"cuda": False, "reason": "device=auto: no CUDA device is visible"}
