@@ -153,6 +153,7 @@ class MyApp(MONAILabelApp):
         _check_served_behind_edge()
         torch.set_num_threads(self.settings.threads)
         super().on_init_complete()
+        self.store.remove_temp_files()  # a promotion killed with the server left them; no round runs yet
         self.loop = LearningLoop(
             self.settings.train_trigger,
             self.settings.train_debounce_s,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import write_json
+from .failpoints import failpoint
 
 if TYPE_CHECKING:  # torch and MONAI load only where weights are written or read: the rollback tool needs neither
     import torch
@@ -89,13 +90,19 @@ class ModelStore:
         return self.root / entry.file if entry.file else None
 
     def remove_temp_files(self) -> list[str]:
-        """Leftovers of a killed writer (only one training runs at a time, so none is in progress)."""
-        removed = []
-        for p in self.root.glob(".*.tmp"):
+        """Leftovers of a killed writer (only one training runs at a time, so none is in progress).
+
+        Temporary files, and weights files the manifest does not list: a promotion killed after its
+        weights file was written and before the manifest was replaced (the served version is then
+        the previous one, complete).
+        """
+        listed = {v["file"] for v in self.manifest()["versions"] if v["file"]}
+        leftovers = [*self.root.glob(".*.tmp"), *(p for p in self.root.glob("v*.pt") if p.name not in listed)]
+        for p in leftovers:
             p.unlink(missing_ok=True)
-            removed.append(p.name)
+        removed = [p.name for p in leftovers]
         if removed:
-            logger.warning("Removed %d temp files left by an interrupted training: %s", len(removed), removed)
+            logger.warning("Removed %d files left by an interrupted training or promotion: %s", len(removed), removed)
         return removed
 
     def promote(
@@ -117,6 +124,7 @@ class ModelStore:
         version = max(int(v["version"]) for v in m["versions"]) + 1
         file = f"v{version}.pt"
         save_state(network, self.root / file)
+        failpoint("promote.weights_written")
         entry = {
             "version": version,
             "file": file,

@@ -12,12 +12,13 @@ deletion), and temporary files a killed write left behind are removed at start.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import nibabel as nib
@@ -25,7 +26,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import Datastore
 
-from ..atomic import replace_with
+from ..atomic import replace_all, storage_full_as_error
 from .imageio import check_volume_header, load_label
 
 __all__ = [
@@ -94,11 +95,6 @@ def _image_shape(path: str) -> tuple[int, ...] | None:
     return None
 
 
-def _copy_atomically(source: str, dest: str, prefix: str) -> None:
-    """Copy ``source`` to a temporary file beside ``dest`` (not matching any datastore pattern), then rename."""
-    replace_with(dest, lambda tmp: shutil.copyfile(source, tmp), prefix)
-
-
 class SafeLocalDatastore(LocalDatastore):
     """``LocalDatastore`` with validated, atomic, confined writes (see the module docstring)."""
 
@@ -127,12 +123,11 @@ class SafeLocalDatastore(LocalDatastore):
         name = self._filename(image_id, image_ext)
         dest = os.path.join(self._datastore.image_path(), name)
         logger.info("Adding image %s => %s", image_id, name)
+        info = {**(image_info or {}), "ts": int(time.time()), "name": name}
         with FileLock(self._lock_file):
-            _copy_atomically(image_filename, dest, ".adding-")
-            info = dict(image_info or {})
-            info.update({"ts": int(time.time()), "name": name})
+            before = self._datastore.objects.get(image_id)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
-            self._update_datastore_file(lock=False)
+            self._commit(image_filename, dest, ".adding-", "image.written", lambda: self._restore(image_id, before))
         return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -146,14 +141,65 @@ class SafeLocalDatastore(LocalDatastore):
         label_path = self._datastore.label_path(label_tag)
         dest = os.path.join(label_path, self._filename(image_id, label_ext))
         logger.info("Saving label %s => %s => %s", image_id, label_tag, os.path.basename(dest))
+        info = {**(label_info or {}), "ts": int(time.time()), "name": os.path.basename(dest)}
         with FileLock(self._lock_file):
-            os.makedirs(label_path, exist_ok=True)
-            _copy_atomically(label_filename, dest, ".saving-")
-            info = dict(label_info or {})
-            info.update({"ts": int(time.time()), "name": os.path.basename(dest)})
+            with storage_full_as_error(label_path):
+                os.makedirs(label_path, exist_ok=True)
+            before = obj.labels.get(label_tag)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
-            self._update_datastore_file(lock=False)
+
+            def undo() -> None:
+                if before is None:
+                    obj.labels.pop(label_tag, None)
+                else:
+                    obj.labels[label_tag] = before
+
+            self._commit(label_filename, dest, ".saving-", "label.written", undo)
         return image_id
+
+    def _commit(self, source: str, dest: str, prefix: str, point: str, undo: Callable[[], None]) -> None:
+        """Copy ``source`` to ``dest`` and rewrite the index, both staged before either is renamed.
+
+        A full disk or a failed write leaves the old file and the old index (``undo`` restores the
+        in-memory entry); only a kill between the two renames can land the file without its entry,
+        and the index is then rebuilt from the folder at start, as MONAI Label does for any new file.
+        """
+        self._ignore_event_config = True
+        try:
+            replace_all(
+                [(dest, lambda tmp: shutil.copyfile(source, tmp)), (self._datastore_config_path, self._dump_index)],
+                prefix,
+                point,
+            )
+        except BaseException:
+            undo()
+            raise
+        self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _restore(self, image_id: str, before: ImageLabelModel | None) -> None:
+        if before is None:
+            self._datastore.objects.pop(image_id, None)
+        else:
+            self._datastore.objects[image_id] = before
+
+    def _dump_index(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """The index rewritten through a temporary file (MONAI Label truncates it in place: a full disk or a
+        kill mid-write left an empty index, and every label's entry with it)."""
+
+        def write() -> None:
+            self._ignore_event_config = True
+            replace_all([(self._datastore_config_path, self._dump_index)], ".saving-")
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     def remove_image(self, image_id: str) -> None:
         """Remove the image's labels and its datastore entry; a linked image loses the link, never the target."""

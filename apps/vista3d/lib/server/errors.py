@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import httpx
+import requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
+from ..atomic import StorageFull
 from ..data.datastore import DatastoreError, UnknownImageError
 from ..data.imageio import ImageError
 from ..inference.gpu_memory import GpuOutOfMemory
@@ -21,7 +24,7 @@ from ..prompts import PromptError
 from ..zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited
 from .scheduler import Busy, ClientGone
 
-__all__ = ["STATUS", "install_error_handlers"]
+__all__ = ["STATUS", "install_error_handlers", "upstream_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,25 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ClientGone, 499),  # nobody reads it: the client closed the connection (nginx's code)
     (Busy, 503),  # not served in time; Retry-After estimated from the jobs ahead
     (GpuOutOfMemory, 503),  # the request's GPU memory is freed; Retry-After: a few seconds
+    (StorageFull, 507),  # the datastore's (or model store's) filesystem is full: nothing was written
 )
+# The image server (DICOMweb: Orthanc, a PACS) behind the datastore, unreachable, failing or slow.
+UPSTREAM_RETRY_AFTER_S = 30
+
+
+def upstream_failure(exc: Exception) -> tuple[int, str]:
+    """Status and message for a failed call to the DICOMweb server (``requests``: datastore; ``httpx``: proxy)."""
+    if isinstance(exc, requests.Timeout | httpx.TimeoutException):
+        return 504, "the image server (DICOMweb) did not answer in time; retry later"
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return 502, f"the image server (DICOMweb) answered {exc.response.status_code}; retry later"
+    return 502, f"the image server (DICOMweb) cannot be reached ({type(exc).__name__}); retry when it is back"
+
+
+async def _upstream(request: Request, exc: Exception) -> Response:
+    status, detail = upstream_failure(exc)
+    logger.warning("%s %s -> %d: %s: %s", request.method, request.url.path, status, detail, exc)
+    return JSONResponse({"detail": detail}, status_code=status, headers={"retry-after": str(UPSTREAM_RETRY_AFTER_S)})
 
 
 def _handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
@@ -56,3 +77,5 @@ def _handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]
 def install_error_handlers(app: FastAPI) -> None:
     for cls, status in STATUS:
         app.add_exception_handler(cls, _handler(status))
+    for upstream in (requests.RequestException, httpx.HTTPError):
+        app.add_exception_handler(upstream, _upstream)
