@@ -16,19 +16,25 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from typing import Any
 
+import requests
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
-from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
+from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
 
+from ..atomic import storage_full_as_error
+from ..failpoints import failpoint
 from ..zero_shot import ZeroShotRegistry
+from .datastore import SafeLocalDatastore
 from .dicomseg import SegError, segment_names, write_seg
 
 __all__ = ["Vista3DDICOMWebDatastore", "open_dicomweb_datastore"]
@@ -37,14 +43,24 @@ logger = logging.getLogger(__name__)
 
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
 SEG_TAGS = (DefaultLabelTag.FINAL.value, DefaultLabelTag.ORIGINAL.value)
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 120.0  # between two reads, not for a whole series
+RETRY_ATTEMPTS = 3
+RETRY_WAIT_MS = 500  # retrying's exponential multiplier: waits of 1 s, then 2 s
 
 
-class Vista3DDICOMWebDatastore(DICOMWebDatastore):
-    """``DICOMWebDatastore`` whose labels are uploaded as DICOM-SEG referencing their CT series."""
+class Vista3DDICOMWebDatastore(DICOMWebDatastore, SafeLocalDatastore):
+    """``DICOMWebDatastore`` whose labels are uploaded as DICOM-SEG referencing their CT series.
+
+    Its local cache (converted images, labels, the index) is written as :class:`SafeLocalDatastore`
+    writes: MONAI Label's copies onto the destination and truncates the index in place.
+    """
 
     def __init__(self, classes: Mapping[int, str], registry: ZeroShotRegistry, **kwargs: Any) -> None:
         self._classes = dict(classes)
         self._registry = registry
+        self._downloads: dict[str, threading.Lock] = {}
+        self._downloads_lock = threading.Lock()
         super().__init__(**kwargs)
 
     def get_image_uri(self, image_id: str) -> str:
@@ -61,10 +77,22 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore):
 
         MONAI Label asks for explicit VR little endian, which makes the server transcode; Orthanc's Debian
         build cannot transcode JPEG 2000 and answers 500. SimpleITK (GDCM) decodes the compressed files here.
+        One download per series at a time: a second request for it waits and finds it in the cache.
         """
+        with self._downloads_lock:
+            lock = self._downloads.setdefault(series_uid, threading.Lock())
+        with lock:
+            if os.path.isdir(image_dir) and os.listdir(image_dir):
+                return
+            parent = os.path.dirname(image_dir)
+            with storage_full_as_error(parent):
+                os.makedirs(parent, exist_ok=True)
+                self._fetch_into(series_uid, image_dir)
+        logger.info("Downloaded series %s into %s", series_uid, image_dir)
+
+    def _fetch_into(self, series_uid: str, image_dir: str) -> None:
         found = self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
         study_uid = str(Dataset.from_json(found[0]).StudyInstanceUID)
-        os.makedirs(os.path.dirname(image_dir), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(image_dir), prefix=".download-")
         try:
             for instance in self._client.retrieve_series(study_uid, series_uid, media_types=ANY_TRANSFER_SYNTAX):
@@ -73,7 +101,6 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore):
             os.replace(tmp, image_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("Downloaded series %s into %s", series_uid, image_dir)
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
@@ -86,7 +113,7 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore):
             info = dict(label_info or {})
             if tag in SEG_TAGS:
                 info.update(self._store_seg(image_id, label_file, tag))
-            return LocalDatastore.save_label(self, image_id, label_file, label_tag, info)
+            return SafeLocalDatastore.save_label(self, image_id, label_file, label_tag, info)
         finally:
             if converted:
                 os.unlink(converted)
@@ -103,6 +130,7 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore):
                 return {}
             raise HTTPException(status_code=422, detail=str(e)) from e
         self._client.store_instances([seg])
+        failpoint("seg.stored")  # in the image server, not yet in the local cache and index
         logger.info("Stored DICOM-SEG %s (%s) for series %s", seg.SeriesInstanceUID, label_tag, image_id)
         return {
             "SeriesInstanceUID": str(seg.SeriesInstanceUID),
@@ -112,13 +140,25 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore):
         }
 
 
+class _BoundedWait(HTTPAdapter):
+    """Every call to the image server gives up after a bounded wait (``dicomweb_client`` sets no timeout:
+    an image server that stops answering held a request's thread, and its lock on the series, for ever)."""
+
+    def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        return super().send(request, **kwargs)
+
+
 def open_dicomweb_datastore(url: str, classes: Mapping[int, str], registry: ZeroShotRegistry) -> DICOMWebDatastore:
     """The DICOMweb datastore MONAI Label would build for ``url`` (same settings), minus the dcmqi download."""
-    session = None
+    session = requests.Session()
     if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
         session = create_session_from_user_pass(
             settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
         )
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, _BoundedWait())
     client = DICOMwebClientX(
         url=url,
         session=session,
@@ -126,6 +166,9 @@ def open_dicomweb_datastore(url: str, classes: Mapping[int, str], registry: Zero
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
+    # dicomweb_client retries any failure 5 times over 30 s (a user waited that long to learn the image
+    # server is down); a blip is still ridden out: 3 attempts, 1 s then 2 s apart.
+    client.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS)
     cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     return Vista3DDICOMWebDatastore(
         classes=classes,

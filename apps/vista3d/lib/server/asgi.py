@@ -4,9 +4,9 @@ Started by ``monailabel start_server ... --uvicorn_app lib.server.asgi:app`` wit
 ``PYTHONPATH`` (``make serve`` and the tests do both). MONAI Label has set up its settings (app
 folder, studies, ``--conf``) in this process before uvicorn imports this module, so everything
 here is decided once, at import: who may do what, which origins may call, whether it is safe to
-start at all. MONAI Label's own routes are kept (its handlers, the bundled OHIF, the DICOMweb
-proxy), except those replaced here (``*_routes.py``: checked params, no leftovers, work off the
-event loop) and those it marks deprecated. The OpenAPI document is completed in :mod:`.openapi`.
+start at all. MONAI Label's own routes are kept (its handlers, the bundled OHIF), except those
+replaced here (``*_routes.py``: checked params, no leftovers, work off the event loop; its DICOMweb
+proxy by :mod:`.dicom_proxy`) and those it marks deprecated. The OpenAPI document is completed in :mod:`.openapi`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from monailabel.config import settings as ml_settings
-from monailabel.endpoints import activelearning, batch_infer, datastore, info, ohif, proxy, scoring, train
+from monailabel.endpoints import activelearning, batch_infer, datastore, info, ohif, scoring, train
 from monailabel.interfaces.utils.app import app_instance
 from starlette.routing import BaseRoute
 
@@ -37,6 +37,7 @@ from .access import RULES
 from .auth import Authenticator, Identity
 from .dashboard_route import dashboard_router
 from .datastore_routes import datastore_router
+from .dicom_proxy import dicom_proxy_router
 from .edge import AccessMiddleware
 from .errors import install_error_handlers
 from .infer_route import infer_router
@@ -69,13 +70,13 @@ def _routes(router: APIRouter | FastAPI) -> set[tuple[str, str]]:
     return {(m, r.path) for r in router.routes if isinstance(r, APIRoute) for m in r.methods or ()}
 
 
-def _monailabel_routes(replaced: set[tuple[str, str]], dicomweb: bool) -> Iterator[BaseRoute]:
+def _monailabel_routes(replaced: set[tuple[str, str]]) -> Iterator[BaseRoute]:
     """MONAI Label's routes minus the replaced and the deprecated ones.
 
     Not served: image sessions and whole-slide inference (not this app's), model-file routes (see
-    :mod:`.task_routes`), and the DICOMweb proxy unless the datastore is DICOMweb.
+    :mod:`.task_routes`), and MONAI Label's DICOMweb proxy (replaced by :mod:`.dicom_proxy`).
     """
-    for module in (*MONAI_LABEL_ROUTERS, proxy) if dicomweb else MONAI_LABEL_ROUTERS:
+    for module in MONAI_LABEL_ROUTERS:
         for route in module.router.routes:
             if isinstance(route, APIRoute) and (
                 route.deprecated or {(m, route.path) for m in route.methods or ()} & replaced
@@ -183,11 +184,12 @@ def create_app() -> FastAPI:
         logs_router(os.path.join(ml_settings.MONAI_LABEL_APP_DIR, "logs", "app.log")),
         dashboard_router(edge.scheduler, settings),
     ]
+    if ml_settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")):
+        ours.append(dicom_proxy_router())
     for router in ours:
         app.include_router(router)
     replaced = set().union(*(_routes(r) for r in ours))
-    dicomweb = ml_settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://"))
-    app.router.routes.extend(_monailabel_routes(replaced, dicomweb))
+    app.router.routes.extend(_monailabel_routes(replaced))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(ScrubPathsMiddleware)
     app.add_middleware(AccessMiddleware, auth=edge.auth)

@@ -3,9 +3,11 @@
 It replaces MONAI Label's route, which merged the client's ``params`` over the request (so
 ``params.image`` could name any file on the server), wrote uploads to temporary files that a
 rejected request left behind, logged the whole params (up to a megabyte a line) and ran the
-inference on the event loop. Here the image is a datastore id, the keys the server sets cannot
-come from the client, an uploaded label lives only as long as the request, and the caller's
-name (the session owner) is handed inward as a plain string. The work runs behind the
+inference on the event loop. Here the image is a datastore id, fetched from a DICOMweb server
+before the request queues for compute (a slow image server delays its own request, not the
+others' clicks), the keys the server sets cannot come from the client, an uploaded label lives
+only as long as the request, and the caller's name (the session owner) is handed inward as a
+plain string. The work runs behind the
 :class:`~.scheduler.Scheduler` (clicks first), and a client that disconnects cancels it.
 """
 
@@ -20,10 +22,11 @@ from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from monailabel.endpoints.infer import send_response
 from monailabel.interfaces.utils.app import app_instance
 
-from ..data.datastore import LABEL_EXTENSIONS, check_plain_name
+from ..data.datastore import LABEL_EXTENSIONS, UnknownImageError, check_plain_name
 from ..infers.vista3d import IMAGE_ID_KEY, LABEL_FILE_KEY, ON_COMPUTED_KEY, ON_WINDOW_KEY, THREADS_KEY, USER_KEY
 from ..prompts import is_interactive
 from .auth import Identity
@@ -118,10 +121,14 @@ def infer_router(scheduler: Scheduler, threads: ThreadBudget) -> APIRouter:
         identity: Identity = request.state.identity
         body = json_object(params, "params")
         _check_params(body, identity)
+        check_plain_name(image, "image (a datastore id)")
         owner = session_owner(identity, body)
         logger.info("Infer request by %s: %s", owner, json.dumps({"model": model, "image": image, "params": body}))
         built = {**body, "model": model, "image": image, USER_KEY: owner}
         instance = app_instance()
+        # Fetched before the request queues for compute: a slow image server holds this request only.
+        if not await run_in_threadpool(instance.datastore().get_image_uri, image):
+            raise UnknownImageError(f"unknown image id {image!r}")
         kind = Kind.CLICK if is_interactive(body) else Kind.AUTO
         with contextlib.ExitStack() as stack:
             if label is not None:

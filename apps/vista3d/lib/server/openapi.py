@@ -61,6 +61,8 @@ HEADERS = {
     401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     429: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "seconds to wait, estimated", "schema": {"type": "string"}}},
+    502: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
+    504: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
 }
 STATUS = {
     400: "Bad request: the detail names the parameter and what was expected",
@@ -71,7 +73,12 @@ STATUS = {
     422: "Invalid: a parameter of the wrong type or missing (detail: a list), or content that cannot be read",
     429: "Too many requests: try again after Retry-After seconds",
     503: "Busy: not served in time; try again after Retry-After seconds",
+    502: "The image server (DICOMweb) cannot be reached or failed; nothing was changed; retry later",
+    504: "The image server (DICOMweb) did not answer in time; nothing was changed; retry later",
+    507: "No space left where the server stores data; nothing was written",
 }
+# Routes that reach the image server when the datastore is DICOMweb (Orthanc, a PACS).
+IMAGE_SERVER = {502: "the image server cannot be reached", 504: "the image server did not answer in time"}
 # MONAI Label's own sign-in, switched off behind the edge, leaves an optional `token` query parameter on its
 # routes that nothing reads (the edge reads tokens from Authorization or the session cookie only).
 MONAI_LABEL_LEFTOVERS = frozenset({"token"})
@@ -165,6 +172,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             422: "an unreadable image or uploaded label, or a label of another shape",
             429: "too many new zero-shot names this hour",
             503: "the queue is full, or the request waited or ran too long",
+            **IMAGE_SERVER,
+            507: "no space left to store the result (save_label)",
         },
         content=(JSON, BINARY, MULTIPART),
         query={"image": {"required": True, "schema": PLAIN_NAME}},
@@ -178,6 +187,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {
             400: "an id that is not a plain name, a file name without a volume's extension",
             422: "not a readable 3D volume",
+            507: "no space left in the datastore: nothing was written",
         },
         query={"image": {"required": False, "schema": PLAIN_NAME}},
         form={"file": _upload("file", IMAGE_EXTENSIONS, "image.nii.gz"), "params": PARAMS},
@@ -187,13 +197,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             400: "an id or tag that is not a plain name, a file name without a label's extension",
             404: "unknown image",
             422: "not a readable 3D volume, or not on its image's grid",
+            **IMAGE_SERVER,
+            507: "no space left in the datastore: nothing was written",
         },
         query={"image": {"required": True, "schema": PLAIN_NAME}, "tag": {"required": False, "schema": PLAIN_NAME}},
         form={"label": _upload("label", LABEL_EXTENSIONS, "label.nii.gz"), "params": PARAMS},
     ),
     ("PUT", "/datastore/image/info"): Operation({400: "info is not a JSON object", 404: "unknown image"}, form=INFO),
     ("PUT", "/datastore/label/info"): Operation({400: "info is not a JSON object", 404: "unknown label"}, form=INFO),
-    ("GET", "/datastore/image"): Operation({404: "unknown image"}, content=(BINARY,)),
+    ("GET", "/datastore/image"): Operation({404: "unknown image", **IMAGE_SERVER}, content=(BINARY,)),
     ("HEAD", "/datastore/image"): Operation({404: "unknown image"}),
     ("DELETE", "/datastore/image"): Operation({400: "an id that is not a plain name", 404: "unknown image"}),
     ("GET", "/datastore/image/info"): Operation({404: "unknown image"}),
