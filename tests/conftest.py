@@ -185,7 +185,7 @@ def server(studies: Path, test_weights: Path, tmp_path_factory: pytest.TempPathF
     """The real MONAI Label server with this app over the temporary datastore."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     tmp = tmp_path_factory.mktemp("server-tmp")  # its temporary files, to check that rejected requests leave none
-    # The learning loop is tested on servers of its own (test_learning_server.py).
+    # The learning loop is tested on servers of its own (test_faults.py).
     conf = {"train_trigger": "0"}
     with running_server(str(studies), log, test_weights, conf=conf, TMPDIR=str(tmp)) as running:
         yield running
