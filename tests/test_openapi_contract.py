@@ -9,7 +9,7 @@ generated ids at what the server holds; ``tests/schemathesis_hooks.py`` makes up
 Left out: ``POST /train/{model}``, ``POST /batch/infer/{model}`` and ``POST /scoring/{method}``. With the
 model's or a method's real name (which the run sends) each starts a background process that trains,
 segments every image or scores the datastore for minutes; their contracts are in the document all the
-same, and test_access.py and test_learning_server.py call them.
+same, and test_access.py and test_faults.py call them.
 """
 
 from __future__ import annotations
