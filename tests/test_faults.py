@@ -155,7 +155,8 @@ def test_kills_mid_round_mid_save_and_mid_promotion_lose_nothing_and_the_round_r
     manifest = store / "manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["served"] == 0, "v1 was never promoted"
 
-    resume = {**ROUND, "train_trigger": "3", "train_debounce_s": "1", "train_steps": "2"}
+    # Two clicks per scored object (train_clicks): the gate scores as in any round, in fewer clicks.
+    resume = {**ROUND, "train_trigger": "3", "train_debounce_s": "1", "train_steps": "2", "train_clicks": "2"}
     with running_server(str(studies), tmp_path / "c.log", test_weights, resume) as c:
         assert "Removed 1 files left by an interrupted training or promotion: ['v1.pt']" in c.log_text()
         # The three labels no round has seen start a round at start-up, which promotes v1 whole.

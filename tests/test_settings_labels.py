@@ -18,6 +18,15 @@ def test_defaults() -> None:
     assert s.threads >= 1 and s.session_cache_mb == 4096 and s.precision == "auto"
 
 
+def test_train_clicks_reach_a_loop_rounds_request() -> None:
+    """A round the loop starts has no request keys: its gate clicks come from the setting."""
+    from lib.trainers.request import TrainRequest
+
+    assert TrainRequest.parse({}, Settings.from_conf({}), 64).clicks == 5
+    assert TrainRequest.parse({}, Settings.from_conf({"train_clicks": "2"}), 64).clicks == 2
+    assert TrainRequest.parse({"clicks": 3}, Settings.from_conf({"train_clicks": "2"}), 64).clicks == 3
+
+
 def test_vista3d_preset_defaults_to_official_weights() -> None:
     assert Settings.from_conf({"preset": "vista3d"}).weights == "official"
     assert Settings.from_conf({"preset": "vista3d", "weights": "/x.pt"}).weights == "/x.pt"
@@ -31,6 +40,8 @@ def test_vista3d_preset_defaults_to_official_weights() -> None:
         ({"precision": "fp8"}, "precision must be one of"),
         ({"run_limit_s": "0"}, "run_limit_s must be at least 1.0"),
         ({"queue_wait_s": "soon"}, "queue_wait_s must be a number"),
+        ({"train_clicks": "0"}, "train_clicks must be at least 1"),
+        ({"train_clicks": "21"}, "train_clicks must be at most 20"),
     ],
 )
 def test_bad_conf(conf: dict[str, str], message: str) -> None:

@@ -45,6 +45,9 @@ def _parse_positive_int(key: str, value: str) -> int:
     return n
 
 
+MAX_TRAIN_CLICKS = 20  # as a /train request's clicks (lib.trainers.request)
+
+
 def _parse_number(key: str, value: str, kind: type, minimum: float) -> Any:
     try:
         n = kind(value)
@@ -130,6 +133,8 @@ class Settings:
         train_holdback: a round's newest final labels (not yet learned by the served version) it keeps
             out of its training, so that the gate judges the candidate on them; the next round trains
             on them (at least 1; see ``lib.trainers.split.hold_back``).
+        train_clicks: simulated clicks per object when a round scores the served model and the
+            candidate for the gate (1..20; fewer: a faster round on less evidence).
         model_store: folder of learned versions, the validation split and the manifest; default
             ``<studies>/.vista3d/models`` (the app's ``model/`` folder for a DICOMweb datastore).
         auth: ``auto`` (the default: sign-in is required as soon as the user store holds a user),
@@ -169,6 +174,7 @@ class Settings:
     train_lr: float = 1e-3
     train_patience: int = 3
     train_holdback: int = 1
+    train_clicks: int = 5
     model_store: str = ""
     auth: str = "auto"
     users: str = ""
@@ -226,6 +232,10 @@ class Settings:
                 values[key] = _parse_number(key, value, float, minimum=0.01)
             elif key in ("session_idle_s", "queue_wait_s", "run_limit_s"):
                 values[key] = _parse_number(key, value, float, minimum=1.0)
+            elif key == "train_clicks":
+                values[key] = _parse_number(key, value, int, minimum=1)
+                if values[key] > MAX_TRAIN_CLICKS:
+                    raise ValueError(f"--conf {key} must be at most {MAX_TRAIN_CLICKS}, got {values[key]}")
             elif key in ("train_trigger", "train_patience"):
                 values[key] = _parse_number(key, value, int, minimum=0)
             elif key == "train_lr":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..settings import Settings
+from ..settings import MAX_TRAIN_CLICKS, Settings
 
 __all__ = ["TrainRequest"]
 
@@ -68,6 +68,7 @@ class TrainRequest:
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
             "holdback": settings.train_holdback,
+            "clicks": settings.train_clicks,
             "crop": window,
         }
         for f in fields(cls):
@@ -92,8 +93,8 @@ class TrainRequest:
             problems.append(f"replay_share must be in [0, 1), got {self.replay_share}")
         if self.tolerance < 0:
             problems.append(f"tolerance must be >= 0, got {self.tolerance}")
-        if not 1 <= self.clicks <= 20:
-            problems.append(f"clicks must be in 1..20, got {self.clicks}")
+        if not 1 <= self.clicks <= MAX_TRAIN_CLICKS:
+            problems.append(f"clicks must be in 1..{MAX_TRAIN_CLICKS}, got {self.clicks}")
         if self.world_size < 1:
             problems.append(f"world_size must be at least 1, got {self.world_size}")
         if self.cached and self.world_size > 1:
