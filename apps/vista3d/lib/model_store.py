@@ -8,8 +8,11 @@ Layout of the store folder::
 
 Every write is a temp file in the folder and a rename, so a training process killed at any moment
 leaves the previous manifest and checkpoints whole; leftover temp files are removed by the next
-training. The server compares the manifest's served version with the one it holds before each
-request and reloads without a restart (:class:`ModelReloader`).
+training. Every change of the manifest (a promotion from its version number to its rename, a
+recorded round, a rollback) holds ``.manifest.lock``: replicas of the server share the folder, and
+a rollback on one must not be overwritten by a round's promotion started on another. The server
+compares the manifest's served version with the one it holds before each request and reloads
+without a restart (:class:`ModelReloader`), so a promotion or rollback reaches every replica.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
 
 from .atomic import write_json
 from .failpoints import failpoint
@@ -35,6 +42,7 @@ __all__ = ["ModelReloader", "ModelStore", "ServedVersion"]
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
 KEEP_VERSIONS = 5
 KEEP_ROUNDS = 50
 
@@ -64,17 +72,27 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.root / MANIFEST
 
+    @contextmanager
+    def editing(self) -> Iterator[dict[str, Any]]:
+        """The manifest as the last writer (in any process) left it, written back when the block ends."""
+        with FileLock(str(self.root / LOCK)):
+            m = self.manifest()
+            yield m
+            write_json(self.manifest_path, m)
+
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
             return {"served": 0, "versions": [{"version": 0, "file": None}], "rounds": []}
         return json.loads(self.manifest_path.read_text())
 
-    def stamp(self) -> float:
-        """Changes whenever the manifest is replaced (cheap to poll before each request)."""
+    def stamp(self) -> tuple[int, int, int] | None:
+        """Changes whenever the manifest is replaced (cheap to poll before each request): each write
+        renames a new file over it, so its inode changes even when two writes share an mtime tick."""
         try:
-            return self.manifest_path.stat().st_mtime_ns
+            st = self.manifest_path.stat()
         except FileNotFoundError:
-            return 0
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _entry(self, manifest: dict[str, Any], version: int) -> ServedVersion:
         for v in manifest["versions"]:
@@ -96,10 +114,11 @@ class ModelStore:
         weights file was written and before the manifest was replaced (the served version is then
         the previous one, complete).
         """
-        listed = {v["file"] for v in self.manifest()["versions"] if v["file"]}
-        leftovers = [*self.root.glob(".*.tmp"), *(p for p in self.root.glob("v*.pt") if p.name not in listed)]
-        for p in leftovers:
-            p.unlink(missing_ok=True)
+        with FileLock(str(self.root / LOCK)):  # no promotion between its weights file and its manifest
+            listed = {v["file"] for v in self.manifest()["versions"] if v["file"]}
+            leftovers = [*self.root.glob(".*.tmp"), *(p for p in self.root.glob("v*.pt") if p.name not in listed)]
+            for p in leftovers:
+                p.unlink(missing_ok=True)
         removed = [p.name for p in leftovers]
         if removed:
             logger.warning("Removed %d files left by an interrupted training or promotion: %s", len(removed), removed)
@@ -120,24 +139,23 @@ class ModelStore:
         """
         from .model import save_state
 
-        m = self.manifest()
-        version = max(int(v["version"]) for v in m["versions"]) + 1
-        file = f"v{version}.pt"
-        save_state(network, self.root / file)
-        failpoint("promote.weights_written")
-        entry = {
-            "version": version,
-            "file": file,
-            "validation": validation,
-            "trained_on": sorted(trained_on),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        m["versions"].append(entry)
-        m["served"] = version
-        dropped = [v for v in m["versions"] if v["file"]][:-KEEP_VERSIONS]
-        m["versions"] = [v for v in m["versions"] if v not in dropped]
-        _add_round(m, round_info, seen, promoted=version)
-        write_json(self.manifest_path, m)
+        with self.editing() as m:
+            version = max(int(v["version"]) for v in m["versions"]) + 1
+            file = f"v{version}.pt"
+            save_state(network, self.root / file)
+            failpoint("promote.weights_written")
+            entry = {
+                "version": version,
+                "file": file,
+                "validation": validation,
+                "trained_on": sorted(trained_on),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            m["versions"].append(entry)
+            m["served"] = version
+            dropped = [v for v in m["versions"] if v["file"]][:-KEEP_VERSIONS]
+            m["versions"] = [v for v in m["versions"] if v not in dropped]
+            _add_round(m, round_info, seen, promoted=version)
         for v in dropped:
             (self.root / v["file"]).unlink(missing_ok=True)
         logger.info("Promoted v%d (%s)", version, validation)
@@ -145,28 +163,25 @@ class ModelStore:
 
     def record_round(self, round_info: dict[str, Any], seen: list[str]) -> None:
         """Keep a round that promoted nothing (with why) in the manifest's history."""
-        m = self.manifest()
-        _add_round(m, round_info, seen, promoted=None)
-        write_json(self.manifest_path, m)
+        with self.editing() as m:
+            _add_round(m, round_info, seen, promoted=None)
 
     def update_validation(self, validation: dict[str, Any]) -> None:
         """Store the served version's figures on the current validation split."""
-        m = self.manifest()
-        for v in m["versions"]:
-            if v["version"] == m["served"]:
-                v["validation"] = validation
-        write_json(self.manifest_path, m)
+        with self.editing() as m:
+            for v in m["versions"]:
+                if v["version"] == m["served"]:
+                    v["validation"] = validation
 
     def rollback(self) -> ServedVersion:
         """Serve the newest kept version older than the served one."""
-        m = self.manifest()
-        older = [int(v["version"]) for v in m["versions"] if int(v["version"]) < int(m["served"])]
-        if not older:
-            raise ValueError(f"no version older than v{m['served']} is kept in {self.root}")
-        back = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "from": int(m["served"]), "to": max(older)}
-        m["rollbacks"] = [*m.get("rollbacks", []), back][-KEEP_ROUNDS:]  # the served version's history (dashboard)
-        m["served"] = max(older)
-        write_json(self.manifest_path, m)
+        with self.editing() as m:
+            older = [int(v["version"]) for v in m["versions"] if int(v["version"]) < int(m["served"])]
+            if not older:
+                raise ValueError(f"no version older than v{m['served']} is kept in {self.root}")
+            back = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "from": int(m["served"]), "to": max(older)}
+            m["rollbacks"] = [*m.get("rollbacks", []), back][-KEEP_ROUNDS:]  # the served version's history
+            m["served"] = max(older)
         logger.warning("Rolled back to v%d", m["served"])
         return self._entry(m, int(m["served"]))
 
@@ -196,7 +211,7 @@ class ModelReloader:
         self.model = model
         self.store = store
         self.base_weights = model.weights
-        self._stamp: float | None = None
+        self._stamp: tuple[int, int, int] | None = (-1, -1, -1)  # no manifest read yet
         self._lock = threading.Lock()
         self.refresh()
 

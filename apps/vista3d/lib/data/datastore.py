@@ -7,6 +7,11 @@ tags as given (``../../x`` writes outside the datastore), and deletes images thr
 upload is checked against its image and written to a temporary file beside its destination and
 renamed over it, deleting removes the datastore's own entry (a link stays a link's worth of
 deletion), and temporary files a killed write left behind are removed at start.
+
+Several server processes (replicas) may share one datastore folder. MONAI Label keeps the index in
+memory and rewrites it from there, so each process overwrote the others' new entries. Here every
+write re-reads the index under the datastore's file lock before it changes it, and every read
+first checks (one ``stat``) whether another process replaced the index since.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 import nibabel as nib
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import Datastore
 
 from ..atomic import replace_all, storage_full_as_error
@@ -95,12 +101,63 @@ def _image_shape(path: str) -> tuple[int, ...] | None:
     return None
 
 
+IndexKey = tuple[int, int, int]
+
+
+def _index_key(path: str) -> IndexKey | None:
+    """Identity of the index file's current version: every write renames a new file over it, so
+    the inode changes even when two writes fall in one coarse mtime tick."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class SafeLocalDatastore(LocalDatastore):
     """``LocalDatastore`` with validated, atomic, confined writes (see the module docstring)."""
+
+    _index: LocalDatastoreModel
+    _index_seen: IndexKey | None = None
+    _writing = 0  # > 0 while this process holds the lock and edits the index: no reload under it
 
     def __init__(self, datastore_path: str, **kwargs: Any) -> None:
         super().__init__(datastore_path, **kwargs)
         self._remove_stale_temporaries()
+
+    @property
+    def _datastore(self) -> LocalDatastoreModel:
+        """The index, reloaded first if another process replaced the file (MONAI Label reads it directly)."""
+        if not self._writing:
+            self._reload_if_replaced()
+        return self._index
+
+    @_datastore.setter
+    def _datastore(self, model: LocalDatastoreModel) -> None:
+        self._index = model
+        if hasattr(self, "_datastore_config_path"):
+            self._index_seen = _index_key(self._datastore_config_path)
+
+    def _reload_if_replaced(self) -> None:
+        key = _index_key(self._datastore_config_path) if hasattr(self, "_datastore_config_path") else None
+        if key is None or key == self._index_seen:
+            return
+        with open(self._datastore_config_path) as f:
+            model = LocalDatastoreModel.model_validate_json(f.read())
+        model.base_path = self._datastore_path
+        self._index, self._index_seen = model, key
+        logger.debug("Datastore index reloaded: another process changed it")
+
+    @contextmanager
+    def _editing(self) -> Iterator[None]:
+        """The datastore's file lock, with the index as the last writer (in any process) left it."""
+        with FileLock(self._lock_file):
+            self._reload_if_replaced()
+            self._writing += 1
+            try:
+                yield
+            finally:
+                self._writing -= 1
 
     def _remove_stale_temporaries(self) -> None:
         folders = [self._datastore.image_path(), *glob.glob(os.path.join(self._datastore.label_path(None), "*"))]
@@ -124,7 +181,7 @@ class SafeLocalDatastore(LocalDatastore):
         dest = os.path.join(self._datastore.image_path(), name)
         logger.info("Adding image %s => %s", image_id, name)
         info = {**(image_info or {}), "ts": int(time.time()), "name": name}
-        with FileLock(self._lock_file):
+        with self._editing():
             before = self._datastore.objects.get(image_id)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
             self._commit(image_filename, dest, ".adding-", "image.written", lambda: self._restore(image_id, before))
@@ -132,7 +189,7 @@ class SafeLocalDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_plain_name(label_tag, "label tag")
-        obj = self._object(image_id)
+        self._object(image_id)
         label_ext = file_extension(label_filename, LABEL_EXTENSIONS, "label file")
         shape = _image_shape(self.get_image_uri(image_id))
         if shape is not None:
@@ -142,9 +199,10 @@ class SafeLocalDatastore(LocalDatastore):
         dest = os.path.join(label_path, self._filename(image_id, label_ext))
         logger.info("Saving label %s => %s => %s", image_id, label_tag, os.path.basename(dest))
         info = {**(label_info or {}), "ts": int(time.time()), "name": os.path.basename(dest)}
-        with FileLock(self._lock_file):
+        with self._editing():
             with storage_full_as_error(label_path):
                 os.makedirs(label_path, exist_ok=True)
+            obj = self._object(image_id)  # as the last writer left the index
             before = obj.labels.get(label_tag)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
 
@@ -174,7 +232,12 @@ class SafeLocalDatastore(LocalDatastore):
         except BaseException:
             undo()
             raise
+        self._written()
+
+    def _written(self) -> None:
+        """The index file is this process's own write: no reload for it."""
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
+        self._index_seen = _index_key(self._datastore_config_path)
 
     def _restore(self, image_id: str, before: ImageLabelModel | None) -> None:
         if before is None:
@@ -193,7 +256,7 @@ class SafeLocalDatastore(LocalDatastore):
         def write() -> None:
             self._ignore_event_config = True
             replace_all([(self._datastore_config_path, self._dump_index)], ".saving-")
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+            self._written()
 
         if lock:
             with FileLock(self._lock_file):
@@ -203,22 +266,35 @@ class SafeLocalDatastore(LocalDatastore):
 
     def remove_image(self, image_id: str) -> None:
         """Remove the image's labels and its datastore entry; a linked image loses the link, never the target."""
-        obj = self._object(image_id)
-        for tag in list(obj.labels):
+        for tag in list(self._object(image_id).labels):
             self.remove_label(image_id, tag)
-        with FileLock(self._lock_file):
+        with self._editing():
+            obj = self._object(image_id)
             self._unlink(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
             self._datastore.objects.pop(image_id, None)
             self._update_datastore_file(lock=False)
         logger.info("Removed image %s", image_id)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        label = self._datastore.label(label_id, label_tag)
-        if label is None:
-            raise UnknownImageError(f"no label {label_tag!r} for image {label_id!r}")
-        with FileLock(self._lock_file):
+        with self._editing():
+            label = self._datastore.label(label_id, label_tag)
+            if label is None:
+                raise UnknownImageError(f"no label {label_tag!r} for image {label_id!r}")
             self._unlink(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
             self._datastore.objects[label_id].labels.pop(label_tag, None)
+            self._update_datastore_file(lock=False)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with self._editing():
+            self._object(image_id).image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with self._editing():
+            label = self._datastore.label(label_id, label_tag)
+            if label is None:
+                raise UnknownImageError(f"no label {label_tag!r} for image {label_id!r}")
+            label.info.update(info)
             self._update_datastore_file(lock=False)
 
     @staticmethod

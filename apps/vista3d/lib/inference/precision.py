@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from ..atomic import write_json
 from ..model import LoadedModel
@@ -206,7 +207,9 @@ class TrialCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path, {**self._read(), key: value})
+            # Replicas starting together each add their own trials.
+            with FileLock(str(self.path.with_name(f".{self.path.name}.lock"))):
+                write_json(self.path, {**self._read(), key: value})
         except OSError as e:
             logger.warning("Could not keep the precision trials in %s: %s", self.path, e)
 

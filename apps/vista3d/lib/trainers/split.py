@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from filelock import FileLock
+
 from ..atomic import write_json
 
 if TYPE_CHECKING:
@@ -56,17 +58,19 @@ class ValidationSplit:
 
     def update(self, image_ids: Iterable[str]) -> Split:
         """Assign the ids not seen before (in the given order) and persist; earlier ones never move."""
-        split = self.load()
-        train, validation = list(split.train), list(split.validation)
-        known = set(train) | set(validation)
-        added = [i for i in image_ids if i not in known]
-        for image_id in added:
-            total = len(train) + len(validation) + 1
-            (validation if len(validation) < self._target(total) else train).append(image_id)
-        if added:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path, {"train": train, "validation": validation})
-            logger.info("Split: %d train, %d validation (+%d new)", len(train), len(validation), len(added))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Scoring and rounds in several processes may add ids at once.
+        with FileLock(str(self.path.with_name(f".{self.path.name}.lock"))):
+            split = self.load()
+            train, validation = list(split.train), list(split.validation)
+            known = set(train) | set(validation)
+            added = [i for i in image_ids if i not in known]
+            for image_id in added:
+                total = len(train) + len(validation) + 1
+                (validation if len(validation) < self._target(total) else train).append(image_id)
+            if added:
+                write_json(self.path, {"train": train, "validation": validation})
+                logger.info("Split: %d train, %d validation (+%d new)", len(train), len(validation), len(added))
         return Split(train, validation)
 
 
