@@ -58,6 +58,7 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("POST", "/auth/token"): Sample("/auth/token", (200,), {"data": {"username": "u-user", "password": PASSWORD}}),
     ("GET", "/auth/token/valid"): Sample("/auth/token/valid"),
     ("GET", "/favicon.ico"): Sample("/favicon.ico"),
+    ("GET", "/healthz"): Sample("/healthz"),
     ("GET", "/"): Sample("/"),
     ("GET", "/docs"): Sample("/docs"),
     ("GET", "/openapi.json"): Sample("/openapi.json"),

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from lib.server.launch import EMBEDDED_ORTHANC, bind_host, bind_port, getting_started
+import pytest
+
+from lib.server.launch import EMBEDDED_ORTHANC, PUBLIC_HOST_ENV, PUBLIC_PORT_ENV, bind_host, bind_port, getting_started
 
 
 def test_host_and_port_come_from_monai_labels_command_line_or_its_defaults() -> None:
     argv = ["start_server", "--app", "a", "--studies", "s", "--host", "127.0.0.1", "-p", "8123"]
     assert (bind_host(argv), bind_port(argv)) == ("127.0.0.1", 8123)
     assert (bind_host(["start_server"]), bind_port(["start_server"])) == ("0.0.0.0", 8000)
+
+
+def test_a_replica_behind_a_balancer_takes_the_balancers_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loopback replica behind a public HAProxy keeps a public server's checks and shows the public URL."""
+    monkeypatch.setattr("sys.argv", ["monailabel", "start_server", "--host", "127.0.0.1", "--port", "8001"])
+    assert (bind_host(), bind_port()) == ("127.0.0.1", 8001)
+    monkeypatch.setenv(PUBLIC_HOST_ENV, "0.0.0.0")
+    monkeypatch.setenv(PUBLIC_PORT_ENV, "8000")
+    assert (bind_host(), bind_port()) == ("0.0.0.0", 8000)
+    assert bind_host(["--host", "127.0.0.1"]) == "127.0.0.1", "an explicit command line is read as it is"
 
 
 def test_the_start_log_says_where_ohif_is_and_how_to_add_a_study_and_the_first_user() -> None:

@@ -50,6 +50,7 @@ RULES: tuple[Rule, ...] = (
     Rule("POST", "/auth/token", PUBLIC, "name + password -> token"),
     Rule("GET", "/auth/token/valid", U, "whether a token is valid"),
     Rule("GET", "/favicon.ico", PUBLIC, "the icon"),
+    Rule("GET", "/healthz", PUBLIC, "a load balancer's health check: ok, the served model version, the replica"),
     # Reading images and results, and inferring: user.
     Rule("GET", "/", U, "API documentation"),
     Rule("GET", "/docs", U, "API documentation"),

@@ -40,6 +40,7 @@ from .datastore_routes import datastore_router
 from .dicom_proxy import dicom_proxy_router
 from .edge import AccessMiddleware
 from .errors import install_error_handlers
+from .health import ReplicaHeaderMiddleware, health_router, replica_name
 from .infer_route import infer_router
 from .launch import EDGE_ENV, bind_host, is_loopback
 from .logs_route import logs_router
@@ -183,6 +184,7 @@ def create_app() -> FastAPI:
         task_router(),
         logs_router(os.path.join(ml_settings.MONAI_LABEL_APP_DIR, "logs", "app.log")),
         dashboard_router(edge.scheduler, settings),
+        health_router(),
     ]
     if ml_settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")):
         ours.append(dicom_proxy_router())
@@ -193,6 +195,8 @@ def create_app() -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(ScrubPathsMiddleware)
     app.add_middleware(AccessMiddleware, auth=edge.auth)
+    if (replica := replica_name()) is not None:  # outside the access check: its 401s and 404s name the replica too
+        app.add_middleware(ReplicaHeaderMiddleware, name=replica)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -2,27 +2,51 @@
 
 MONAI Label does not hand its ``--host`` to the application, so it is read from the command line
 (``monailabel start_server`` runs uvicorn in its own process); its default is all interfaces.
+A replica behind a balancer (``tools/serve.py --replicas N``) listens on loopback while its users
+reach it at the balancer's address: :data:`PUBLIC_HOST_ENV` and :data:`PUBLIC_PORT_ENV` say which,
+so that a replica behind a public balancer keeps every check a server on that address has (no start
+without users, the warnings) and its start log shows the address users open.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ASGI_APP", "EDGE_ENV", "bind_host", "bind_port", "getting_started", "is_loopback", "server_command"]
+__all__ = [
+    "ASGI_APP",
+    "EDGE_ENV",
+    "PUBLIC_HOST_ENV",
+    "PUBLIC_PORT_ENV",
+    "REPLICA_ENV",
+    "bind_host",
+    "bind_port",
+    "getting_started",
+    "is_loopback",
+    "server_command",
+]
 
 ASGI_APP = "lib.server.asgi:app"
 EDGE_ENV = "VISTA3D_EDGE"  # set by the edge at import: the app knows it is served behind it
+PUBLIC_HOST_ENV = "VISTA3D_PUBLIC_HOST"  # set by tools/serve.py for replicas: the balancer's address
+PUBLIC_PORT_ENV = "VISTA3D_PUBLIC_PORT"
+REPLICA_ENV = "VISTA3D_REPLICA"  # set by tools/serve.py for each replica it starts: "1", "2", ... (see .health)
 MONAI_LABEL_DEFAULT_HOST = "0.0.0.0"
 MONAI_LABEL_DEFAULT_PORT = 8000
 EMBEDDED_ORTHANC = "http://127.0.0.1:8042/dicom-web"  # what `make serve` starts without STUDIES
 
 
 def bind_host(argv: Sequence[str] | None = None) -> str:
-    """The ``--host`` (``-i``) of ``monailabel start_server``'s command line, or MONAI Label's default."""
+    """The ``--host`` (``-i``) of ``monailabel start_server``'s command line, or MONAI Label's default.
+
+    Without ``argv``, a replica's :data:`PUBLIC_HOST_ENV` comes first: the address its users reach.
+    """
+    if argv is None and os.environ.get(PUBLIC_HOST_ENV):
+        return os.environ[PUBLIC_HOST_ENV]
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-i", "--host", default=MONAI_LABEL_DEFAULT_HOST)
     known, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
@@ -30,7 +54,12 @@ def bind_host(argv: Sequence[str] | None = None) -> str:
 
 
 def bind_port(argv: Sequence[str] | None = None) -> int:
-    """The ``--port`` (``-p``) of ``monailabel start_server``'s command line, or MONAI Label's default."""
+    """The ``--port`` (``-p``) of ``monailabel start_server``'s command line, or MONAI Label's default.
+
+    Without ``argv``, a replica's :data:`PUBLIC_PORT_ENV` comes first (see :func:`bind_host`).
+    """
+    if argv is None and os.environ.get(PUBLIC_PORT_ENV):
+        return int(os.environ[PUBLIC_PORT_ENV])
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-p", "--port", type=int, default=MONAI_LABEL_DEFAULT_PORT)
     known, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))

@@ -225,6 +225,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/logs/"): Operation({404: "the server has no log file"}, content=("text/html", "text/plain")),
     ("GET", "/logs/gpu"): Operation({404: "this server has no GPU"}, content=("text/plain",)),
     ("GET", "/dashboard/"): Operation(content=("text/html",)),
+    ("GET", "/healthz"): Operation(),  # public (RULES), JSON only, no error of its own: a replica that answers is up
 }
 
 
