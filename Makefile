@@ -11,6 +11,8 @@ PORT    ?= 8000
 HOST    ?= 127.0.0.1
 # CONF: space-separated key=value pairs, e.g. CONF="preset=vista3d weights=/models/model_vista3d.pt"
 CONF    ?=
+# REPLICAS: servers behind one HAProxy on HOST:PORT, on loopback ports PORT+1..PORT+N (docs/replicas.md).
+REPLICAS ?= 1
 
 BIN := $(VENV)/bin
 CONF_ARGS := $(foreach kv,$(CONF),--conf $(word 1,$(subst =, ,$(kv))) $(patsubst $(word 1,$(subst =, ,$(kv)))=%,%,$(kv)))
@@ -27,7 +29,7 @@ USERS_CONF   := $(patsubst users=%,%,$(filter users=%,$(CONF)))
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 apt_install = $(APT_GET) update -qq && $(APT_GET) install -y -qq $(1)
 
-.PHONY: venv serve add user test lint unit e2e clean orthanc-install browser-install supervoxels
+.PHONY: venv serve add user test lint unit e2e clean orthanc-install browser-install haproxy-install supervoxels
 
 venv: $(VENV)/.installed
 
@@ -37,9 +39,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 # Serves until Ctrl-C; without STUDIES on the project's Orthanc, which it starts and stops.
-serve: venv $(if $(STUDIES),,orthanc-install)
+serve: venv $(if $(STUDIES),,orthanc-install) $(if $(filter-out 1,$(REPLICAS)),haproxy-install)
 	$(BIN)/python tools/serve.py $(if $(STUDIES),--studies "$(STUDIES)") --host $(HOST) --port $(PORT) \
-		--orthanc-port $(ORTHANC_PORT) --orthanc-home "$(ORTHANC_HOME)" $(CONF_ARGS)
+		--orthanc-port $(ORTHANC_PORT) --orthanc-home "$(ORTHANC_HOME)" --replicas $(REPLICAS) $(CONF_ARGS)
 
 # Adds a CT to the serving datastore: STUDY=<NIfTI CT, DICOM folder, DICOM zip> (several: space-separated).
 add: venv
@@ -56,10 +58,10 @@ lint: venv
 	$(BIN)/ruff check apps tests bench tools
 	$(BIN)/ruff format --check apps tests bench tools
 	$(BIN)/mypy apps/vista3d/lib apps/vista3d/main.py
-	MYPYPATH=apps/vista3d $(BIN)/mypy tools/serve.py tools/add_study.py tools/orthanc.py
+	MYPYPATH=apps/vista3d $(BIN)/mypy tools/serve.py tools/add_study.py tools/orthanc.py tools/haproxy.py tools/replicas.py
 
 # The whole suite, browser tests included; `pytest -m "not e2e"` skips the browser for quick runs.
-test: lint orthanc-install browser-install
+test: lint orthanc-install browser-install haproxy-install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra --durations=25
 
 e2e: venv orthanc-install browser-install
@@ -68,6 +70,9 @@ e2e: venv orthanc-install browser-install
 orthanc-install:
 	@if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 		$(call apt_install,orthanc orthanc-dicomweb); fi
+
+haproxy-install:
+	@if ! command -v haproxy >/dev/null; then $(call apt_install,haproxy); fi
 
 browser-install:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \

@@ -4,12 +4,17 @@
     .venv/bin/python tools/serve.py                                   # Orthanc in .orthanc/, OHIF at :8000/ohif/
     .venv/bin/python tools/serve.py --studies ./studies               # a local folder of NIfTI images
     .venv/bin/python tools/serve.py --studies https://pacs/dicom-web  # any DICOMweb server
+    .venv/bin/python tools/serve.py --replicas 2                      # 2 replicas behind HAProxy on :8000
 
 The bundled OHIF viewer reads a DICOMweb datastore, so the default is a loopback Orthanc whose
 storage lives in the project: the viewer works from the first command, and ``make add`` puts
 studies in it. The server is ``monailabel start_server`` with this app behind its serving edge
 (:func:`lib.server.launch.server_command`). Ctrl-C or SIGTERM stops the server (it finishes its
 shutdown) and then the Orthanc this started; both die with this process if it is killed.
+With ``--replicas N`` (N > 1), N servers listen on loopback ports PORT+1..PORT+N, each with its own
+GPU or share of the cores (:mod:`tools.replicas`), behind HAProxy on HOST:PORT (:mod:`tools.haproxy`);
+Ctrl-C stops HAProxy first (no new request reaches a replica that is stopping), then the replicas,
+then Orthanc. See docs/replicas.md.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -30,7 +37,9 @@ sys.path.insert(0, str(APP_DIR))
 sys.path.insert(0, str(ROOT))
 
 from lib.server.launch import server_command  # noqa: E402
+from tools.haproxy import HaproxyError, server_states, start_haproxy, stop_haproxy  # noqa: E402
 from tools.orthanc import OrthancError, die_with_parent, start_orthanc, stop_orthanc  # noqa: E402
+from tools.replicas import Replica, plan_for_machine, port_taken, start_replica, stop_all  # noqa: E402
 
 logger = logging.getLogger("serve")
 
@@ -43,7 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--orthanc-port", type=int, default=8042)
     parser.add_argument("--orthanc-home", type=Path, default=ROOT / ".orthanc", help="Orthanc's config and storage")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    parser.add_argument("--replicas", type=_positive, default=1, help="servers behind HAProxy on HOST:PORT (default 1)")
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1, else a message naming the value."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
 
 
 def _serve(studies: str, args: argparse.Namespace) -> int:
@@ -63,13 +84,75 @@ def _serve(studies: str, args: argparse.Namespace) -> int:
     return server.wait()
 
 
+def _watch(
+    replicas: list[Replica], processes: list[subprocess.Popen[bytes]], run_dir: Path, stop: threading.Event
+) -> None:
+    """Logs replicas that exit, and each change of a replica's health as HAProxy's checks see it; returns on
+    ``stop`` or when no replica is left."""
+    serving: dict[str, bool] = {}
+    while not stop.wait(1.0):
+        for replica, process in zip(replicas, processes, strict=True):
+            if process.returncode is None and process.poll() is not None:
+                logger.warning("replica r%d exited with %d", replica.index, process.returncode)
+        if all(p.returncode is not None for p in processes):
+            logger.error("every replica has exited")
+            return
+        with contextlib.suppress(OSError):  # HAProxy's socket only feeds this log
+            for name, (status, check) in server_states(run_dir).items():
+                if status == "UP" and check == "L7OK" and not serving.get(name):
+                    logger.info("HAProxy: replica %s serves", name)
+                    serving[name] = True
+                elif status.startswith(("DOWN", "MAINT")) and serving.get(name):
+                    logger.warning("HAProxy: replica %s is %s: its users go to the others", name, status)
+                    serving[name] = False
+
+
+def _serve_replicas(studies: str, args: argparse.Namespace) -> int:
+    """N replicas behind HAProxy until a signal, or until every replica has exited; then all stopped in order."""
+    replicas = plan_for_machine(args.replicas, args.port, dict(args.conf))
+    if taken := [r.port for r in replicas if port_taken(r.port)]:
+        logger.error("replica port(s) %s are taken: choose another PORT (replicas use PORT+1..PORT+N)", taken)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("%s: stopping HAProxy, then the replicas", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        processes += [start_replica(r, studies, args.host, args.port, APP_DIR) for r in replicas]
+        with tempfile.TemporaryDirectory(prefix="vista3d-haproxy-") as run_dir:
+            haproxy = start_haproxy(Path(run_dir), args.host, args.port, [r.port for r in replicas])
+            for replica in replicas:
+                logger.info("%s", replica.describe())
+            shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            logger.info("HAProxy serves http://%s:%d/ (OHIF: /ohif/) over %d replicas", shown, args.port, len(replicas))
+            logger.info("HAProxy's config, log and stats socket: %s (removed at exit)", run_dir)
+            try:
+                _watch(replicas, processes, Path(run_dir), stop)
+            finally:
+                stop_haproxy(haproxy)
+                logger.info("HAProxy stopped")
+    except HaproxyError as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        code = stop_all(processes)
+        logger.info("replicas stopped")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    serve = _serve if args.replicas == 1 else _serve_replicas
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] serve: %(message)s")
     if args.studies:
         if not args.studies.startswith(("http://", "https://")):
             Path(args.studies).mkdir(parents=True, exist_ok=True)
-        return _serve(args.studies, args)
+        return serve(args.studies, args)
     try:
         orthanc, url = start_orthanc(args.orthanc_home, args.orthanc_port)
     except OrthancError as e:
@@ -77,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logger.info("the project's Orthanc serves DICOMweb at %s/dicom-web (storage %s)", url, args.orthanc_home)
     try:
-        return _serve(f"{url}/dicom-web", args)
+        return serve(f"{url}/dicom-web", args)
     finally:
         stop_orthanc(orthanc)
         logger.info("Orthanc stopped")
