@@ -11,7 +11,8 @@ Why these choices, in the configuration :func:`config` writes:
   a forged ``sub`` chooses a replica, and that replica refuses the token). Anonymous requests have no
   key and go round robin. ``hash-type consistent``: when a replica goes down only its users move.
 - **Health checks** on ``GET /healthz`` every second, down after 2 failures, up after 2 successes;
-  a request that cannot connect is retried and then sent to another replica (``option redispatch``),
+  a request that cannot connect is retried at once on another replica (``option redispatch 1``: a
+  retry on the same one would wait a second for a replica that is gone),
   and so is a read (GET, HEAD) that got no answer at all (the replica died under it). Other requests
   are not replayed: an inference or a save may be what killed the replica, or may have done its work.
 - **Timeouts** as long as the server's own limits (an automatic segmentation may queue
@@ -100,7 +101,7 @@ defaults
     option httplog
     option dontlognull
     option forwardfor
-    option redispatch
+    option redispatch 1
     retries 2
     retry-on conn-failure empty-response
     timeout connect 5s
