@@ -49,6 +49,7 @@ def test_each_replica_gets_a_gpu_or_a_share_of_the_cores_unless_conf_says() -> N
     assert [(r.conf["threads"], r.conf["train_threads"]) for r in cpu] == [("3", "1"), ("3", "1"), ("2", "1")]
     assert all("device" not in r.conf and r.conf["preset"] == "small" for r in cpu)
     assert [r.conf.get("train_trigger") for r in cpu] == [None, "0", "0"], "the learning loop on replica 1 only"
+    assert [r.env.get("MONAI_LABEL_AUTO_UPDATE_SCORING") for r in cpu] == [None, "false", "false"]
     gpu = plan_replicas(3, 9000, {"threads": "4", "train_trigger": "2"}, gpus=2, cores=2)
     assert [r.conf["device"] for r in gpu] == ["cuda:0", "cuda:1", "cuda:0"]
     assert {(r.conf["threads"], r.conf["train_trigger"]) for r in gpu} == {("4", "2")}

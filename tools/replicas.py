@@ -4,9 +4,10 @@ Each replica is the whole server (``monailabel start_server`` behind this app's 
 port ``PORT+i``; HAProxy (:mod:`tools.haproxy`) serves ``HOST:PORT`` and keeps each user on one
 replica. A replica gets a device of its own so that N of them do not fight over one: GPU ``i`` (round
 robin when there are fewer GPUs than replicas), else a share of the cores as ``threads`` and
-``train_threads``, each only where ``--conf`` did not set it. The automatic learning loop runs on
-replica 1 only (``train_trigger 0`` on the others unless given): every replica sees the same new
-labels, and N of them would each start the same round.
+``train_threads``, each only where ``--conf`` did not set it. The automatic learning loop and MONAI
+Label's automatic scoring (every image at start-up, again after each round) run on replica 1 only
+(``train_trigger 0`` and ``MONAI_LABEL_AUTO_UPDATE_SCORING=false`` on the others unless given): every
+replica sees the same datastore, and N of them would each start the same round and score the same images.
 """
 
 from __future__ import annotations
@@ -34,22 +35,24 @@ __all__ = ["Replica", "count_gpus", "plan_replicas", "start_replica", "stop_repl
 logger = logging.getLogger("serve")
 
 NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+AUTO_SCORING_ENV = "MONAI_LABEL_AUTO_UPDATE_SCORING"
 
 
 @dataclass(frozen=True)
 class Replica:
-    """Replica ``index`` (1-based) on ``127.0.0.1:port`` with its own ``--conf`` pairs."""
+    """Replica ``index`` (1-based) on ``127.0.0.1:port`` with its own ``--conf`` pairs, and environment
+    defaults (``env``) that the launcher's own environment overrides."""
 
     index: int
     port: int
     conf: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         keys = ("threads", "train_threads", "train_trigger")
-        shown = ", ".join(
-            [f"device {self.conf.get('device', 'auto')}", *(f"{k} {self.conf[k]}" for k in keys if k in self.conf)]
-        )
-        return f"replica r{self.index} on 127.0.0.1:{self.port}: {shown}"
+        shown = [f"device {self.conf.get('device', 'auto')}", *(f"{k} {self.conf[k]}" for k in keys if k in self.conf)]
+        shown += [f"{k}={os.environ.get(k, v)}" for k, v in self.env.items()]  # as start_replica sets them
+        return f"replica r{self.index} on 127.0.0.1:{self.port}: {', '.join(shown)}"
 
 
 def _visible(count: int, visible: str | None) -> int:
@@ -97,9 +100,11 @@ def plan_replicas(count: int, port: int, conf: Mapping[str, str], gpus: int, cor
         share = max(1, cores // count + (1 if i < cores % count else 0))
         own.setdefault("threads", str(share))
         own.setdefault("train_threads", str(max(1, share // 2)))
+        env = {}
         if i > 0:
             own.setdefault("train_trigger", "0")
-        replicas.append(Replica(i + 1, port + i + 1, own))
+            env[AUTO_SCORING_ENV] = "false"
+        replicas.append(Replica(i + 1, port + i + 1, own, env))
     return replicas
 
 
@@ -141,6 +146,7 @@ def start_replica(replica: Replica, studies: str, host: str, port: int, app_dir:
     bin_dir = Path(sys.executable).parent
     cmd = server_command(bin_dir / "monailabel", app_dir, studies, "127.0.0.1", replica.port, replica.conf)
     env = {
+        **replica.env,
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(app_dir),
