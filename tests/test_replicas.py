@@ -25,7 +25,7 @@ import requests
 from bench.common import free_port
 from lib.server.users import Role, UserStore
 from tools.haproxy import config, missing, running_haproxy, server_states
-from tools.replicas import plan_replicas
+from tools.replicas import Fleet, Replica, plan_replicas
 
 from .conftest import PASSWORD, STS, Server, running_server
 
@@ -56,6 +56,32 @@ def test_each_replica_gets_a_gpu_or_a_share_of_the_cores_unless_conf_says() -> N
     assert plan_replicas(2, 8000, {"device": "cpu"}, gpus=4, cores=1)[1].conf["device"] == "cpu"
     with pytest.raises(ValueError, match="at least 1"):
         plan_replicas(0, 8000, {}, gpus=0, cores=2)
+
+
+def _sleeper(_: Replica) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+
+def test_a_replica_that_crashes_after_serving_is_started_again_but_not_one_that_never_served() -> None:
+    fleet = Fleet([Replica(1, 8001), Replica(2, 8002)], _sleeper, restart_delay_s=0.0, max_deaths=3, window_s=60.0)
+    fleet.start()
+    try:
+        first, never = fleet.processes
+        fleet.served(1)
+        for process in (first, never):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        fleet.poll(now=100.0)
+        assert fleet.processes[0] is not first and fleet.processes[0].poll() is None, "r1 served: started again"
+        assert fleet.processes[1] is never, "r2 never served: left down"
+        for now in (101.0, 102.0):  # two more crashes after serving: the third within the window is the last
+            fleet.served(1)
+            os.killpg(fleet.processes[0].pid, signal.SIGKILL)
+            fleet.processes[0].wait()
+            fleet.poll(now=now)
+        assert fleet.processes[0].poll() is not None and not fleet.alive(), "a crash loop is not started again"
+    finally:
+        assert fleet.stop() == 1  # killed replicas are not a clean exit
 
 
 def test_haproxy_accepts_the_config(tmp_path: Path) -> None:

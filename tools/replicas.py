@@ -20,7 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from shutil import which
@@ -30,7 +31,7 @@ from lib.cores import available_cores
 from lib.server.launch import PUBLIC_HOST_ENV, PUBLIC_PORT_ENV, REPLICA_ENV, server_command
 from tools.orthanc import die_with_parent
 
-__all__ = ["Replica", "count_gpus", "plan_replicas", "start_replica", "stop_replica"]
+__all__ = ["Fleet", "Replica", "count_gpus", "plan_replicas", "start_replica", "stop_all", "stop_replica"]
 
 logger = logging.getLogger("serve")
 
@@ -187,3 +188,78 @@ def stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> int:
             os.killpg(process.pid, signal.SIGTERM)
     codes = [stop_replica(p) for p in processes]
     return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
+class Fleet:
+    """The replicas' processes: a replica that dies after it has served is started again after
+    ``restart_delay_s``, unless it died ``max_deaths`` times within ``window_s`` (a crash loop). One that
+    exits before it ever served (a configuration it refuses, a port taken) is left down: starting it
+    again would fail again.
+    """
+
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        start: Callable[[Replica], subprocess.Popen[bytes]],
+        restart_delay_s: float = 5.0,
+        max_deaths: int = 5,
+        window_s: float = 600.0,
+    ) -> None:
+        self.replicas = list(replicas)
+        self._start = start
+        self.restart_delay_s, self.max_deaths, self.window_s = restart_delay_s, max_deaths, window_s
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._served: set[int] = set()  # positions whose current process has passed a health check
+        self._deaths: dict[int, list[float]] = {}
+        self._due: dict[int, float] = {}  # position -> when to start it again
+        self._noted: set[int] = set()  # positions whose exit has been seen
+
+    def start(self) -> None:
+        self.processes = [self._start(r) for r in self.replicas]
+
+    def served(self, index: int) -> None:
+        """Replica ``index`` (1-based) passed a health check: a later death is a crash worth a restart."""
+        if self.processes[index - 1].poll() is None:
+            self._served.add(index - 1)
+
+    def alive(self) -> bool:
+        """Whether a replica runs or will be started again."""
+        return bool(self._due) or any(p.poll() is None for p in self.processes)
+
+    def poll(self, now: float | None = None) -> None:
+        """Notes the replicas that exited and starts again those whose time has come."""
+        now = time.monotonic() if now is None else now
+        for i, process in enumerate(self.processes):
+            code = process.returncode if process.returncode is not None else process.poll()
+            if code is not None and i not in self._noted:
+                self._noted.add(i)
+                self._exited(i, code, now)
+            if i in self._due and now >= self._due[i]:
+                del self._due[i]
+                logger.info("starting replica r%d again", i + 1)
+                self.processes[i] = self._start(self.replicas[i])
+                self._noted.discard(i)
+
+    def _exited(self, i: int, code: int, now: float) -> None:
+        served = i in self._served
+        self._served.discard(i)
+        deaths = [t for t in self._deaths.get(i, []) if now - t < self.window_s] + [now]
+        self._deaths[i] = deaths
+        if not served:
+            logger.error("replica r%d exited with %d before it served: not started again", i + 1, code)
+        elif len(deaths) >= self.max_deaths:
+            logger.error(
+                "replica r%d exited with %d, %d times in %.0f s: not started again",
+                i + 1,
+                code,
+                len(deaths),
+                self.window_s,
+            )
+        else:
+            logger.warning("replica r%d exited with %d; starting it again in %.0f s", i + 1, code, self.restart_delay_s)
+            self._due[i] = now + self.restart_delay_s
+
+    def stop(self) -> int:
+        """Stops every replica (none is started again); 0 when each exited cleanly, else 1."""
+        self._due.clear()
+        return stop_all(self.processes)

@@ -14,7 +14,7 @@ shutdown) and then the Orthanc this started; both die with this process if it is
 With ``--replicas N`` (N > 1), N servers listen on loopback ports PORT+1..PORT+N, each with its own
 GPU or share of the cores (:mod:`tools.replicas`), behind HAProxy on HOST:PORT (:mod:`tools.haproxy`);
 Ctrl-C stops HAProxy first (no new request reaches a replica that is stopping), then the replicas,
-then Orthanc. See docs/replicas.md.
+then Orthanc; a replica that crashes after it has served is started again. See docs/replicas.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from lib.server.launch import server_command  # noqa: E402
 from tools.haproxy import HaproxyError, server_states, start_haproxy, stop_haproxy  # noqa: E402
 from tools.orthanc import OrthancError, die_with_parent, start_orthanc, stop_orthanc  # noqa: E402
-from tools.replicas import Replica, plan_for_machine, port_taken, start_replica, stop_all  # noqa: E402
+from tools.replicas import Fleet, plan_for_machine, port_taken, start_replica  # noqa: E402
 
 logger = logging.getLogger("serve")
 
@@ -84,23 +84,21 @@ def _serve(studies: str, args: argparse.Namespace) -> int:
     return server.wait()
 
 
-def _watch(
-    replicas: list[Replica], processes: list[subprocess.Popen[bytes]], run_dir: Path, stop: threading.Event
-) -> None:
-    """Logs replicas that exit, and each change of a replica's health as HAProxy's checks see it; returns on
-    ``stop`` or when no replica is left."""
+def _watch(fleet: Fleet, run_dir: Path, stop: threading.Event) -> None:
+    """Restarts crashed replicas (:class:`~tools.replicas.Fleet`) and logs each change of a replica's health as
+    HAProxy's checks see it; returns on ``stop`` or when no replica is left."""
     serving: dict[str, bool] = {}
     while not stop.wait(1.0):
-        for replica, process in zip(replicas, processes, strict=True):
-            if process.returncode is None and process.poll() is not None:
-                logger.warning("replica r%d exited with %d", replica.index, process.returncode)
-        if all(p.returncode is not None for p in processes):
-            logger.error("every replica has exited")
+        fleet.poll()
+        if not fleet.alive():
+            logger.error("no replica is left")
             return
         with contextlib.suppress(OSError):  # HAProxy's socket only feeds this log
             for name, (status, check) in server_states(run_dir).items():
-                if status == "UP" and check == "L7OK" and not serving.get(name):
-                    logger.info("HAProxy: replica %s serves", name)
+                if status == "UP" and check == "L7OK":
+                    fleet.served(int(name.removeprefix("r")))
+                    if not serving.get(name):
+                        logger.info("HAProxy: replica %s serves", name)
                     serving[name] = True
                 elif status.startswith(("DOWN", "MAINT")) and serving.get(name):
                     logger.warning("HAProxy: replica %s is %s: its users go to the others", name, status)
@@ -108,7 +106,7 @@ def _watch(
 
 
 def _serve_replicas(studies: str, args: argparse.Namespace) -> int:
-    """N replicas behind HAProxy until a signal, or until every replica has exited; then all stopped in order."""
+    """N replicas behind HAProxy until a signal, or until no replica is left; then all stopped in order."""
     replicas = plan_for_machine(args.replicas, args.port, dict(args.conf))
     if taken := [r.port for r in replicas if port_taken(r.port)]:
         logger.error("replica port(s) %s are taken: choose another PORT (replicas use PORT+1..PORT+N)", taken)
@@ -121,9 +119,9 @@ def _serve_replicas(studies: str, args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    processes: list[subprocess.Popen[bytes]] = []
+    fleet = Fleet(replicas, lambda r: start_replica(r, studies, args.host, args.port, APP_DIR))
     try:
-        processes += [start_replica(r, studies, args.host, args.port, APP_DIR) for r in replicas]
+        fleet.start()
         with tempfile.TemporaryDirectory(prefix="vista3d-haproxy-") as run_dir:
             haproxy = start_haproxy(Path(run_dir), args.host, args.port, [r.port for r in replicas])
             for replica in replicas:
@@ -132,7 +130,7 @@ def _serve_replicas(studies: str, args: argparse.Namespace) -> int:
             logger.info("HAProxy serves http://%s:%d/ (OHIF: /ohif/) over %d replicas", shown, args.port, len(replicas))
             logger.info("HAProxy's config, log and stats socket: %s (removed at exit)", run_dir)
             try:
-                _watch(replicas, processes, Path(run_dir), stop)
+                _watch(fleet, Path(run_dir), stop)
             finally:
                 stop_haproxy(haproxy)
                 logger.info("HAProxy stopped")
@@ -140,7 +138,7 @@ def _serve_replicas(studies: str, args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return 1
     finally:
-        code = stop_all(processes)
+        code = fleet.stop()
         logger.info("replicas stopped")
     return code
 
