@@ -6,8 +6,9 @@ replica. A replica gets a device of its own so that N of them do not fight over 
 robin when there are fewer GPUs than replicas), else a share of the cores as ``threads`` and
 ``train_threads``, each only where ``--conf`` did not set it. The automatic learning loop and MONAI
 Label's automatic scoring (every image at start-up, again after each round) run on replica 1 only
-(``train_trigger 0`` and ``MONAI_LABEL_AUTO_UPDATE_SCORING=false`` on the others unless given): every
-replica sees the same datastore, and N of them would each start the same round and score the same images.
+(``train_trigger 0`` on the others whatever ``--conf`` says; ``MONAI_LABEL_AUTO_UPDATE_SCORING=false``
+unless the environment sets it): every replica sees the same datastore, and N of them would each
+start the same round and score the same images.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def plan_replicas(count: int, port: int, conf: Mapping[str, str], gpus: int, cor
         own.setdefault("train_threads", str(max(1, share // 2)))
         env = {}
         if i > 0:
-            own.setdefault("train_trigger", "0")
+            own["train_trigger"] = "0"  # CONF's trigger is replica 1's: one loop, however it is set
             env[AUTO_SCORING_ENV] = "false"
         replicas.append(Replica(i + 1, port + i + 1, own, env))
     return replicas
