@@ -148,6 +148,28 @@ def test_loop_debounces_a_burst_into_one_training() -> None:
     loop.stop()
 
 
+def test_the_loop_notices_labels_saved_through_another_replica() -> None:
+    """No save reaches this loop (the labels came in through other replicas): its poll starts the round,
+    and a poll never postpones a debounce that is already running."""
+    pending: list[str] = []
+    started: list[float] = []
+
+    def start() -> bool:
+        started.append(time.time())
+        pending.clear()
+        return True
+
+    loop = LearningLoop(trigger=2, debounce_s=0.35, pending=lambda: list(pending), start_training=start, poll_s=0.1)
+    time.sleep(0.3)
+    assert not started
+    begin = time.time()
+    pending.extend(["a@1", "b@1"])
+    time.sleep(1.0)
+    loop.stop()
+    assert len(started) == 1
+    assert started[0] - begin < 0.35 + 0.1 + 0.2, "polls every 0.1 s must not keep restarting the 0.35 s debounce"
+
+
 def _datastore_with_final_labels(root: Path, cases: list[str], unlabelled: tuple[str, ...] = ()) -> SafeLocalDatastore:
     """Sarcoma CT linked in, GTVs of ``cases`` saved as final labels (in that order) under the zero-shot id 133."""
     root.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vista3d"
 PRECISION_TRIALS = "precision_trials.json"  # in the app's model/ folder: measured once per machine and weights
+LOOP_POLL_S = 30.0  # the loop also counts labels saved through other replicas (lib/loop.py)
 
 
 class MyApp(MONAILabelApp):
@@ -159,6 +160,7 @@ class MyApp(MONAILabelApp):
             self.settings.train_debounce_s,
             pending=lambda: pending_labels(self.datastore(), self.store),
             start_training=self._start_point_training,
+            poll_s=LOOP_POLL_S,
         )
         self.loop.on_label_saved()  # labels submitted while the server was down
         users = UserStore(users_path(self.settings.users, self.studies, self.app_dir))

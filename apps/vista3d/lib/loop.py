@@ -6,6 +6,10 @@ each further save restarts it, so a burst of submits makes one round. When it fi
 started through MONAI Label's background training (a subprocess, one at a time); if one is still
 running, the loop checks again a ``debounce_s`` later. Pending labels are computed from the
 datastore and the model store's manifest, so nothing is lost across restarts or a killed round.
+
+With several replicas the loop runs on one of them, and most labels are saved through the others:
+it also counts pending labels every ``poll_s`` (a poll starts the debounce timer only when none is
+running, so it never postpones a round the way a save does).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class LearningLoop:
         debounce_s: float,
         pending: Callable[[], list[str]],
         start_training: Callable[[], bool],
+        poll_s: float = 0.0,
     ) -> None:
         self.trigger = trigger
         self.debounce_s = debounce_s
@@ -46,6 +51,10 @@ class LearningLoop:
         self._start = start_training
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._last_count = -1
+        if poll_s > 0 and self.enabled:
+            threading.Thread(target=self._poll, args=(poll_s,), name="learning-loop-poll", daemon=True).start()
 
     @property
     def enabled(self) -> bool:
@@ -53,13 +62,28 @@ class LearningLoop:
 
     def on_label_saved(self) -> None:
         """(Re)start the debounce timer when enough final labels are pending."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._check(restart=True)
+
+    def _check(self, restart: bool) -> None:
         n = len(self._pending())
+        if n != self._last_count or restart:
+            self._last_count = n
+            if n < self.trigger:
+                logger.info("Learning loop: %d of %d final labels pending before the next fine-tune", n, self.trigger)
         if n < self.trigger:
-            logger.info("Learning loop: %d of %d final labels pending before the next fine-tune", n, self.trigger)
             return
-        self._schedule(self.debounce_s)
+        with self._lock:
+            waiting = self._timer is not None and self._timer.is_alive()
+        if restart or not waiting:
+            self._schedule(self.debounce_s)
+
+    def _poll(self, every_s: float) -> None:
+        while not self._stopped.wait(every_s):
+            try:
+                self._check(restart=False)
+            except Exception:  # a datastore hiccup must not end the loop's polling for the server's life
+                logger.exception("Learning loop: counting pending labels failed; trying again in %.0f s", every_s)
 
     def _schedule(self, delay: float) -> None:
         with self._lock:
@@ -80,6 +104,7 @@ class LearningLoop:
             self._schedule(self.debounce_s)
 
     def stop(self) -> None:
+        self._stopped.set()
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
