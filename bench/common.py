@@ -157,6 +157,37 @@ def serve(
         stop_tree(proc)
 
 
+@contextmanager
+def serve_replicas(
+    studies: Path | str, conf: Mapping[str, str], log: Path, replicas: int, limit_s: float = 300.0
+) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
+    """``replicas`` servers behind HAProxy, started as ``make serve REPLICAS=N`` starts them
+    (``tools/serve.py``); yields the balancer's URL, the launcher and each replica's own URL once
+    every replica's ``/healthz`` answers, and stops them all on exit (:func:`stop_tree`)."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--studies", str(studies), "--port", str(port)]
+    cmd += ["--replicas", str(replicas), *(a for k, v in conf.items() for a in ("--conf", k, v))]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    urls = [f"http://127.0.0.1:{port + i}" for i in range(1, replicas + 1)]
+    try:
+        deadline = time.monotonic() + limit_s
+        while not all(_answers(f"{u}/healthz") for u in [*urls, f"http://127.0.0.1:{port}"]):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the replicas did not come up within {limit_s:.0f} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", proc, urls
+    finally:
+        stop_tree(proc)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def stop_tree(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Stop a process started with ``start_new_session=True`` and every process below it.
 

@@ -18,6 +18,11 @@ the round, an auto, both), ``/info`` under load, labels submitted vs stored, the
 peak RSS of the server and of its subprocesses.
 
     .venv/bin/python bench/load.py                       # small preset, 4 annotators, ~5-10 min
+    .venv/bin/python bench/load.py --replicas 2          # two replicas behind HAProxy (make serve REPLICAS=2)
+
+With ``--replicas`` the round is seen in ``/info``'s ``learning.last_round`` (the model store all
+replicas share; MONAI Label's task status answers only on the replica that runs it), and the JSON
+adds the version each replica serves at the end, asked of each replica directly.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=40, help="steps of the learning loop's round")
     p.add_argument("--max-minutes", type=float, default=15.0)
     p.add_argument("--preset", default="small")
+    p.add_argument("--replicas", type=int, default=1, help="servers behind HAProxy (make serve REPLICAS=N)")
     p.add_argument("--conf", nargs="*", default=[], help="more --conf key=value pairs for the server")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "load")
     return p.parse_args(argv)
@@ -91,11 +97,23 @@ def round_status(url: str, token: str) -> str:
     return str(r.json().get("status", "")) if r.status_code == 200 else ""
 
 
+def last_round(url: str, token: str) -> Any:
+    """The model store's last recorded round (shared by every replica, unlike MONAI Label's task status)."""
+    r = requests.get(f"{url}/info/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    return r.json()["models"]["vista3d"]["learning"]["last_round"] if r.status_code == 200 else None
+
+
+def served_versions(urls: list[str]) -> list[Any]:
+    """What each server (each replica, asked directly) serves now."""
+    return [requests.get(f"{u}/healthz", timeout=30).json().get("version") for u in urls]
+
+
 def run_load(url: str, people: list[Annotator], args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
     """The load phase; returns what happened to the learning loop's round."""
     stop = threading.Event()
     done = {a.name: 0 for a in people}
-    round_seen = {"started": False, "status": ""}
+    round_seen: dict[str, Any] = {"started": False, "status": "", "recorded": False}
+    before = last_round(url, people[0].token)
 
     def work(person: Annotator) -> None:
         for case in person.cases[1:] * 10:
@@ -123,7 +141,8 @@ def run_load(url: str, people: list[Annotator], args: argparse.Namespace, rec: R
         round_seen["started"] = round_seen["started"] or status == "RUNNING"
         rec.saw_round(status == "RUNNING")
         round_seen["status"] = status
-        if round_seen["started"] and status in ("DONE", "ERROR") and min(done.values()) >= args.cases:
+        round_seen["recorded"] = round_seen["recorded"] or last_round(url, people[0].token) != before
+        if round_seen["recorded"] and min(done.values()) >= args.cases:
             break
         time.sleep(2)
     stop.set()
@@ -147,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             "train_steps": str(args.train_steps),
             **dict(kv.split("=", 1) for kv in args.conf),
         }
-        with start_server(studies, conf, assignment, password, args.out / "server.log") as (url, proc):
+        log = args.out / "server.log"
+        with start_server(studies, conf, assignment, password, log, args.replicas) as (url, proc, urls):
             people = [Annotator(url, name, password, cases, rec) for name, cases in assignment.items()]
             stop_rss = threading.Event()
             sampler = threading.Thread(target=sample_rss, args=(proc.pid, stop_rss, rec))
             sampler.start()
-            wait_quiet(url, people[0].token)
+            for server in urls:
+                wait_quiet(server, people[0].token)
             people[0].session(warm_up, args.clicks, 0.0, "warm-up")  # the first requests pay one-off set-up
             for n in range(args.idle_sessions):  # idle: one annotator at a time, nothing else running
                 person = people[n % len(people)]
@@ -161,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             learning = run_load(url, people, args, rec)
             load_s = time.time() - begin
             submitted, stored = rec.verify_labels(people[0])
+            versions = served_versions(urls)
             stop_rss.set()
             sampler.join()
     report = {
         "preset": args.preset,
         "annotators": args.annotators,
+        "replicas": args.replicas,
+        "served_version_by_replica": versions,
         "load_minutes": round(load_s / 60, 2),
         "requests": rec.counts(),
         "errors": rec.errors(),

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import psutil
 import requests
-from common import DATA, serve
+from common import DATA, serve, serve_replicas
 
 from lib.server.users import Role, UserStore
 from lib.simulate import deepest_voxel, next_click
@@ -116,14 +116,19 @@ def sample_rss(pid: int, stop: threading.Event, rec: Recorder) -> None:
 
 @contextmanager
 def start_server(
-    studies: Path, conf: Mapping[str, str], users: Mapping[str, Any], password: str, log: Path
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    """The real server behind its edge on a loopback port, one annotator per user; stopped on exit."""
+    studies: Path, conf: Mapping[str, str], users: Mapping[str, Any], password: str, log: Path, replicas: int = 1
+) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
+    """The real server behind its edge on a loopback port (or ``replicas`` of it behind HAProxy), one
+    annotator per user; yields the URL users call, the process, each server's own URL; stopped on exit."""
     store = UserStore(studies / ".vista3d" / "users.json")
     for name in users:
         store.add(name, Role.ANNOTATOR, password)
-    with serve(studies, conf, log) as (url, proc):
-        yield url, proc
+    if replicas > 1:
+        with serve_replicas(studies, conf, log, replicas) as (url, proc, urls):
+            yield url, proc, urls
+    else:
+        with serve(studies, conf, log) as (url, proc):
+            yield url, proc, [url]
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray) -> bytes:
