@@ -29,7 +29,7 @@ USERS_CONF   := $(patsubst users=%,%,$(filter users=%,$(CONF)))
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 apt_install = $(APT_GET) update -qq && $(APT_GET) install -y -qq $(1)
 
-.PHONY: venv serve add user test lint unit e2e clean orthanc-install browser-install haproxy-install supervoxels
+.PHONY: venv serve add user test lint unit e2e clean orthanc-install browser-install haproxy-install postgres-install supervoxels
 
 venv: $(VENV)/.installed
 
@@ -61,7 +61,7 @@ lint: venv
 	MYPYPATH=apps/vista3d $(BIN)/mypy tools/serve.py tools/add_study.py tools/orthanc.py tools/haproxy.py tools/replicas.py
 
 # The whole suite, browser tests included; `pytest -m "not e2e"` skips the browser for quick runs.
-test: lint orthanc-install browser-install haproxy-install
+test: lint orthanc-install browser-install haproxy-install postgres-install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra --durations=25
 
 e2e: venv orthanc-install browser-install
@@ -70,6 +70,10 @@ e2e: venv orthanc-install browser-install
 orthanc-install:
 	@if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 		$(call apt_install,orthanc orthanc-dicomweb); fi
+
+# The state store's PostgreSQL backend is tested on a throw-away server (tests/postgres.py: initdb + postgres).
+postgres-install:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then $(call apt_install,postgresql); fi
 
 haproxy-install:
 	@if ! command -v haproxy >/dev/null; then $(call apt_install,haproxy); fi

@@ -27,6 +27,13 @@ def test_train_clicks_reach_a_loop_rounds_request() -> None:
     assert TrainRequest.parse({"clicks": 3}, Settings.from_conf({"train_clicks": "2"}), 64).clicks == 3
 
 
+def test_state_is_sqlite_by_default_or_a_postgresql_url() -> None:
+    assert Settings.from_conf({}).state == ""
+    assert (
+        Settings.from_conf({"state": " postgresql://vista@db:5432/state "}).state == "postgresql://vista@db:5432/state"
+    )
+
+
 def test_vista3d_preset_defaults_to_official_weights() -> None:
     assert Settings.from_conf({"preset": "vista3d"}).weights == "official"
     assert Settings.from_conf({"preset": "vista3d", "weights": "/x.pt"}).weights == "/x.pt"
@@ -42,6 +49,7 @@ def test_vista3d_preset_defaults_to_official_weights() -> None:
         ({"queue_wait_s": "soon"}, "queue_wait_s must be a number"),
         ({"train_clicks": "0"}, "train_clicks must be at least 1"),
         ({"train_clicks": "21"}, "train_clicks must be at most 20"),
+        ({"state": "mysql://db"}, "state must be empty"),
     ],
 )
 def test_bad_conf(conf: dict[str, str], message: str) -> None:

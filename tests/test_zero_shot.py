@@ -1,14 +1,35 @@
-"""Zero-shot names: an id is reserved while a request runs and registered only when it succeeds; creation is capped."""
+"""Zero-shot names: an id is reserved while a request runs and registered only when it succeeds; creation is capped;
+ids are unique across processes on both state-store backends."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lib.labels import ZERO_SHOT_FIRST, ZERO_SHOT_LAST
 from lib.zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited, ZeroShotRegistry
+
+from .postgres import BACKENDS, open_backend, running_postgres, store_url
+from .state_workers import create_name
+
+SPAWN = mp.get_context("spawn")
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[str]:
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return store_url(request, tmp_path)
 
 
 def test_a_failed_request_gives_its_id_back(tmp_path: Path) -> None:
@@ -72,3 +93,52 @@ def test_exhausted_ids_are_a_clear_error(tmp_path: Path) -> None:
         registry.assign(f"name{n}")
     with pytest.raises(ZeroShotNamesExhausted, match="are taken"):
         registry.peek("one more")
+
+
+def test_two_processes_creating_one_new_name_get_one_id_and_two_names_two(state_url: str) -> None:
+    names = ["cyst", "cyst", "polyp", "polyp"]
+    with SPAWN.Manager() as manager:
+        start, inside = manager.Barrier(len(names)), manager.Barrier(len(names))
+        with SPAWN.Pool(len(names)) as pool:
+            ids = pool.starmap(create_name, [(state_url, name, start, inside) for name in names])
+    assert ids[0] == ids[1] and ids[2] == ids[3], f"one name, one id across processes: {ids}"
+    assert ids[0] != ids[2], f"two new names never share an id: {ids}"
+    assert ZeroShotRegistry(open_backend(state_url)).as_dict() == {"cyst": ids[0], "polyp": ids[2]}
+
+
+def test_a_killed_requests_reservation_frees_itself(state_url: str) -> None:
+    store = open_backend(state_url)
+    with store.transaction() as tx:  # what a process killed inside reserve() leaves: a live-looking row
+        tx.execute(
+            "INSERT INTO zero_shot_ids (class_id, name, registered, holder, holders, expires)"
+            " VALUES (?, ?, 0, ?, 1, ?)",
+            (ZERO_SHOT_FIRST, "cyst", "dead-host:1", store.now() + 0.5),
+        )
+    registry = ZeroShotRegistry(store)
+    assert registry.peek("other") == ZERO_SHOT_FIRST + 1, "a live reservation's id is not offered"
+    time.sleep(0.7)
+    assert registry.peek("other") == ZERO_SHOT_FIRST, "an expired reservation's id is free again"
+    with registry.reserve("other", "bob") as class_id:
+        assert class_id == ZERO_SHOT_FIRST
+    assert registry.as_dict() == {"other": ZERO_SHOT_FIRST}
+
+
+def test_the_legacy_json_file_is_imported_once_with_its_ids(state_url: str, tmp_path: Path) -> None:
+    legacy = tmp_path / "zero_shot_labels.json"
+    legacy.write_text(json.dumps({"sarcoma": 140, "cyst": 133}))
+    store = open_backend(state_url)
+    registry = ZeroShotRegistry(store, legacy_json=legacy)
+    assert registry.as_dict() == {"cyst": 133, "sarcoma": 140}
+    assert registry.assign("polyp") == 134, "new names take the ids the file left free"
+    legacy.write_text(json.dumps({"edited": 150}))
+    assert ZeroShotRegistry(store, legacy_json=legacy).as_dict() == {"cyst": 133, "polyp": 134, "sarcoma": 140}
+    assert json.loads(legacy.read_text()) == {"edited": 150}, "the file is read, never written"
+
+
+def test_the_cap_counts_names_created_through_other_processes(state_url: str) -> None:
+    first = ZeroShotRegistry(open_backend(state_url), names_per_hour=1)
+    with first.reserve("a", "alice"):
+        pass
+    second = ZeroShotRegistry(open_backend(state_url), names_per_hour=1)  # another replica
+    with pytest.raises(ZeroShotRateLimited), second.reserve("b", "alice"):
+        pass

@@ -45,6 +45,14 @@ def _parse_positive_int(key: str, value: str) -> int:
     return n
 
 
+def _parse_state(value: str) -> str:
+    """Empty (SQLite in the state folder) or a PostgreSQL URL."""
+    url = value.strip()
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"--conf state must be empty (SQLite) or postgresql://user@host:port/db, got {url!r}")
+    return url
+
+
 MAX_TRAIN_CLICKS = 20  # as a /train request's clicks (lib.trainers.request)
 
 
@@ -140,6 +148,9 @@ class Settings:
         auth: ``auto`` (the default: sign-in is required as soon as the user store holds a user),
             ``on`` or ``off``. Serving on a non-loopback address with auth off needs ``auth=off``.
         users: the user store (JSON); default ``users.json`` in the state folder (:func:`state_dir`).
+        state: the state store every replica shares (zero-shot names, the training lease): empty for
+            SQLite (``state.db`` in the state folder, one machine), or a PostgreSQL URL
+            ``postgresql://user@host:port/db`` for replicas on several machines (``lib.state``).
         cors_origins: comma-separated origins allowed to call the server from another site's pages
             (with credentials); none by default, and never ``*``.
         token_hours: lifetime of a sign-in token or session cookie.
@@ -178,6 +189,7 @@ class Settings:
     model_store: str = ""
     auth: str = "auto"
     users: str = ""
+    state: str = ""
     cors_origins: tuple[str, ...] = ()
     token_hours: float = 12.0
     max_points: int = 200
@@ -214,6 +226,8 @@ class Settings:
                 values[key] = _parse_fraction(key, value)
             elif key == "auto_gpu_memory_mb":
                 values[key] = _parse_number(key, value, int, minimum=0)
+            elif key == "state":
+                values[key] = _parse_state(value)
             elif key == "cors_origins":
                 values[key] = _parse_origins(value)
             elif key in (
