@@ -178,3 +178,21 @@ def test_make_serve_binds_loopback_behind_the_edge() -> None:
     assert parse_args([]).host == "127.0.0.1", "tools/serve.py binds loopback unless told otherwise"
     dry = subprocess.run(["make", "-n", "serve", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "--host 0.0.0.0" in dry
+
+
+def test_training_while_another_replica_trains_is_409_naming_it(auth_server: Server, tokens: dict[str, str]) -> None:
+    """The training lease in the server's state store (SQLite, state.db) is checked before a round starts."""
+    from lib.state.lease import TRAINING
+    from lib.state.sqlite import SQLiteStore
+
+    state = SQLiteStore(auth_server.studies / ".vista3d" / "state.db")
+    assert state.acquire(TRAINING, "replica-2:4242", ttl_s=120)  # a round running on another replica
+    try:
+        response = requests.post(f"{auth_server.url}/train/point", headers=bearer(tokens["admin"]), timeout=30)
+        assert response.status_code == 409 and "replica-2:4242" in response.json()["detail"], response.text
+    finally:
+        state.release(TRAINING, "replica-2:4242")
+    running = requests.get(
+        f"{auth_server.url}/train/", params={"check_if_running": "true"}, headers=bearer(tokens["admin"])
+    )
+    assert running.status_code == 404, "no round was started"

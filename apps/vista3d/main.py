@@ -40,6 +40,8 @@ from lib.server.threads import in_background_process, yield_to_serving
 from lib.server.users import UserStore
 from lib.sessions import SessionStore
 from lib.settings import Settings, state_dir, users_path
+from lib.state import open_state_store
+from lib.state.lease import TRAINING, LeaseHeld, check_free
 from lib.trainers.tasks import AutoTrainTask, PointTrainTask
 from lib.zero_shot import ZeroShotRegistry
 
@@ -85,8 +87,12 @@ class MyApp(MONAILabelApp):
         if device.type == "cuda" and not in_background_process():
             precisions = {self.precisions.click.precision, self.precisions.auto.precision}
             warm_up(self.model.network, patch_size_for(self.settings.preset), precisions)
+        # Shared by every replica and their training processes: zero-shot names, the training lease.
+        self.state = open_state_store(self.settings.state, state_dir(studies, app_dir))
         self.registry = ZeroShotRegistry(
-            state_dir(studies, app_dir) / "zero_shot_labels.json", self.settings.zero_shot_names_per_hour
+            self.state,
+            self.settings.zero_shot_names_per_hour,
+            legacy_json=state_dir(studies, app_dir) / "zero_shot_labels.json",
         )
         self.loop: LearningLoop | None = None
         super().__init__(
@@ -147,7 +153,10 @@ class MyApp(MONAILabelApp):
         studies = None if self.studies.startswith(("http://", "https://")) else self.studies
         args = (self.settings, self.model, self.store, self.dictionary, studies, self.precisions)
         refused = self.placement.refused
-        return {"point": PointTrainTask(*args, refused=refused), "auto": AutoTrainTask(*args, refused=refused)}
+        return {
+            "point": PointTrainTask(*args, refused=refused, state=self.state),
+            "auto": AutoTrainTask(*args, refused=refused, state=self.state),
+        }
 
     def on_init_complete(self) -> None:
         """Start the learning loop (server process only; training subprocesses never get here)."""
@@ -168,8 +177,18 @@ class MyApp(MONAILabelApp):
             logger.info("%s", line)
 
     def _start_point_training(self) -> bool:
-        """Start a background point round; False when a training is already running."""
+        """Start a background point round; False when a training is already running (here, or on
+        another replica: the training lease, :mod:`lib.state.lease`), so the loop tries again later."""
+        try:
+            self.check_training_lease()
+        except LeaseHeld as e:
+            logger.info("Learning loop: %s", e)
+            return False
         return self.async_training("point", params={"point": {"trigger": "loop"}}) is not None
+
+    def check_training_lease(self) -> None:
+        """Raise :class:`LeaseHeld` (409) when a round runs anywhere; the round takes the lease itself."""
+        check_free(self.state, TRAINING)
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         result = super().on_save_label(image_id, label_id)

@@ -21,6 +21,7 @@ from ..data.imageio import ImageError
 from ..inference.gpu_memory import GpuOutOfMemory
 from ..infers.vista3d import UnknownModelError
 from ..prompts import PromptError
+from ..state.lease import LeaseHeld
 from ..zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited
 from .scheduler import Busy, ClientGone
 
@@ -36,6 +37,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ImageNotFoundException, 404),
     (LabelNotFoundException, 404),
     (ZeroShotNamesExhausted, 409),
+    (LeaseHeld, 409),  # a training round runs on another replica (or this one): the detail names its holder
     (ImageError, 422),  # unreadable image or label, label on another grid
     (ZeroShotRateLimited, 429),
     (ClientGone, 499),  # nobody reads it: the client closed the connection (nginx's code)

@@ -214,7 +214,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("DELETE", "/datastore/label"): Operation({400: "an id or tag that is not a plain name", 404: "unknown label"}),
     ("GET", "/datastore/label/info"): Operation({404: "unknown label"}),
     ("GET", "/datastore/dataset"): Operation({404: "no image has a final label yet"}, content=("application/zip",)),
-    ("POST", "/train/{model}"): Operation({404: "unknown model", 429: "a training round is running"}),
+    ("POST", "/train/{model}"): Operation(
+        {
+            404: "unknown model",
+            409: "a round holds the training lease (detail: its holder)",
+            429: "a training round is running",
+        }
+    ),
     ("POST", "/scoring/{method}"): Operation({404: "unknown method", 429: "a scoring is running"}),
     ("POST", "/batch/infer/{model}"): Operation({404: "unknown model", 429: "a batch inference is running"}),
     ("POST", "/activelearning/{strategy}"): Operation({404: "unknown strategy"}),

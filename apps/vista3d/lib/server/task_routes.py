@@ -2,7 +2,8 @@
 
 MONAI Label starts a background process for any name given to ``/train/{model}``,
 ``/scoring/{method}`` or ``/batch/infer/{model}`` (an unknown one fails minutes of CPU later).
-Here an unknown name is 404 and the rest is MONAI Label's own code, run in a worker thread.
+Here an unknown name is 404, a training while another replica's round runs is 409 (the training
+lease, :mod:`lib.state.lease`), and the rest is MONAI Label's own code, run in a worker thread.
 
 MONAI Label's ``/model/{model}`` routes (upload, download, delete a weights file) do not fit this
 app, whose weights are versions in the model store; ``POST /model/{model}/rollback`` serves the
@@ -39,6 +40,8 @@ def task_router() -> APIRouter:
         model: str, params: dict[str, Any] | None = None, run_sync: bool = False, enqueue: bool = False
     ) -> Any:
         await run_in_threadpool(_known, "trainers", model)
+        # A round running on any replica holds the training lease: 409 naming it (lib.state.lease).
+        await run_in_threadpool(app_instance().check_training_lease)
         return await run_in_threadpool(train.run_model, model, params, run_sync, enqueue)
 
     @router.post("/scoring/{method}", summary="Score the datastore's images")

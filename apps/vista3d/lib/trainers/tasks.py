@@ -47,6 +47,8 @@ from ..labels import LabelDictionary
 from ..model import LoadedModel, build_network, patch_size_for
 from ..model_store import ModelStore, ServedVersion
 from ..settings import Settings
+from ..state import StateStore
+from ..state.lease import TRAINING, LeaseHeld, holding
 from .auto_trainer import AutoTrainer
 from .data import CachedVolume, VolumeSampler
 from .distributed import average_gradients, spawn
@@ -156,9 +158,11 @@ class FineTuneTask(TrainTask):
         studies: str | None,
         precisions: Precisions | None = None,
         refused: str | None = None,
+        state: StateStore | None = None,
     ) -> None:
         """``refused``: why this process may not train (``lib.inference.gpu_memory``); its rounds
-        record that reason, which ``/info`` shows as the last round's."""
+        record that reason, which ``/info`` shows as the last round's. ``state``: the shared store
+        whose training lease a round holds (None: no lease, for tests and tools)."""
         super().__init__(f"VISTA3D {self.kind} branch: fine-tune on final labels, promote if validation holds")
         self.settings = settings
         # Candidates are scored as the server answers (float32 where no precisions are given).
@@ -170,6 +174,7 @@ class FineTuneTask(TrainTask):
         self.studies = studies
         self.split = ValidationSplit(store.root / "split.json")
         self.refused = refused
+        self.state = state
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -209,6 +214,20 @@ class FineTuneTask(TrainTask):
         return figures
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        """One round, holding the training lease for its whole run: one round at a time across replicas.
+
+        A round that cannot take the lease ends at once and records nothing; its result names the holder.
+        """
+        if self.state is None:
+            return self._round(request, datastore)
+        try:
+            with holding(self.state, TRAINING):
+                return self._round(request, datastore)
+        except LeaseHeld as e:
+            logger.warning("%s round not started: %s", self.kind, e)
+            return {"kind": self.kind, "promoted": None, "refused": str(e), "holder": e.info.holder}
+
+    def _round(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         req = TrainRequest.parse(request, self.settings, self.patch[0])
         torch.set_num_threads(self.settings.train_threads)
         begin = time.perf_counter()
