@@ -61,10 +61,11 @@ class SQLiteStore(StateStore):
             self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield _SQLiteTx(self._conn)
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT (disk full) leaves it open: never reuse it so
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def now(self) -> float:
         return time.time()
