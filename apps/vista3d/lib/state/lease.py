@@ -2,8 +2,9 @@
 
 The training lease (:data:`TRAINING`) makes one training round at a time across every replica: a
 round holds it for its whole run, a daemon thread renews it every ``renew_s`` seconds, and it is
-released when the round ends, also on an exception. A process killed mid-round stops renewing, so
-its lease expires ``ttl_s`` seconds later and the next round takes it over.
+released when the round ends, also on an exception. A process killed mid-round stops renewing: on
+its own machine (same hostname and PID namespace) its lease is free as soon as the process is gone,
+elsewhere ``ttl_s`` seconds later.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ MIGRATIONS: tuple[tuple[int, str, Sequence[str]], ...] = (
             "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         ),
     ),
+    (
+        2,
+        "the lease holder's PID namespace, so that a holder seen dead on this machine frees its lease at once",
+        ("ALTER TABLE leases ADD COLUMN holder_ns TEXT",),
+    ),
 )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .migrations import apply_migrations
 
-__all__ = ["LeaseInfo", "StateStore", "Tx", "process_holder"]
+__all__ = ["LeaseInfo", "StateStore", "Tx", "dead_here", "pid_namespace", "process_holder"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,29 @@ logger = logging.getLogger(__name__)
 def process_holder() -> str:
     """``<hostname>:<pid>``: who holds a lease or a reservation, readable in a log or a 409."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (Linux), stored with a lease: a pid means this machine's process
+    only within the same namespace (containers sharing a hostname have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def dead_here(holder: str, namespace: str | None) -> bool:
+    """True when ``holder`` is a process of this machine and PID namespace that no longer runs (killed):
+    its lease need not wait for its expiry. Anything else (another machine) is left to the expiry."""
+    host, _, pid = holder.rpartition(":")
+    if not namespace or namespace != pid_namespace() or host != socket.gethostname() or not pid.isdigit():
+        return False
+    import psutil
+
+    try:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 class Tx(Protocol):
@@ -76,24 +99,25 @@ class StateStore(ABC):
             return apply_migrations(tx)
 
     def acquire(self, name: str, holder: str, ttl_s: float) -> bool:
-        """Take lease ``name`` for ``ttl_s`` seconds if it is free, expired or already ``holder``'s."""
-        now = self.now()
+        """Take lease ``name`` for ``ttl_s`` seconds if it is free, expired, held by a process of this
+        machine that is gone (:func:`dead_here`), or already ``holder``'s."""
+        now, namespace = self.now(), pid_namespace()
         with self.transaction() as tx:
-            rows = tx.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,))
-            if rows and rows[0][0] != holder and rows[0][1] > now:
+            rows = tx.execute("SELECT holder, expires, holder_ns FROM leases WHERE name = ?", (name,))
+            if rows and rows[0][0] != holder and rows[0][1] > now and not dead_here(rows[0][0], rows[0][2]):
                 return False
             if rows and rows[0][0] == holder:
                 tx.execute("UPDATE leases SET expires = ? WHERE name = ?", (now + ttl_s, name))
             elif rows:
                 tx.execute(
-                    "UPDATE leases SET holder = ?, since = ?, expires = ? WHERE name = ?",
-                    (holder, now, now + ttl_s, name),
+                    "UPDATE leases SET holder = ?, since = ?, expires = ?, holder_ns = ? WHERE name = ?",
+                    (holder, now, now + ttl_s, namespace, name),
                 )
-                logger.warning("Lease %r taken over from %s (expired)", name, rows[0][0])
+                logger.warning("Lease %r taken over from %s (expired, or its process is gone)", name, rows[0][0])
             else:
                 tx.execute(
-                    "INSERT INTO leases (name, holder, since, expires) VALUES (?, ?, ?, ?)",
-                    (name, holder, now, now + ttl_s),
+                    "INSERT INTO leases (name, holder, since, expires, holder_ns) VALUES (?, ?, ?, ?, ?)",
+                    (name, holder, now, now + ttl_s, namespace),
                 )
         return True
 
@@ -113,10 +137,10 @@ class StateStore(ABC):
             tx.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     def holder(self, name: str) -> LeaseInfo | None:
-        """The lease's current holder, or None when it is free or expired."""
+        """The lease's current holder, or None when it is free, expired or its holder is gone."""
         now = self.now()
         with self.transaction(write=False) as tx:
-            rows = tx.execute("SELECT holder, since, expires FROM leases WHERE name = ?", (name,))
-        if not rows or rows[0][2] <= now:
+            rows = tx.execute("SELECT holder, since, expires, holder_ns FROM leases WHERE name = ?", (name,))
+        if not rows or rows[0][2] <= now or dead_here(rows[0][0], rows[0][3]):
             return None
         return LeaseInfo(name, str(rows[0][0]), float(rows[0][1]), float(rows[0][2]))
