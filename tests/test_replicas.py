@@ -8,6 +8,7 @@ store, so a token either issued is valid on both; HAProxy is the one ``make serv
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import requests
 
@@ -168,6 +170,41 @@ def test_a_users_requests_stay_on_one_replica_and_users_spread(farm: Farm) -> No
     page = session.post(f"{farm.url}/signin", data={"username": "alice", "password": PASSWORD}, allow_redirects=False)
     assert page.status_code == 303 and "vista3d_session" in session.cookies
     assert {session.get(f"{farm.url}/info/", timeout=60).headers["x-replica"] for _ in range(3)} == {placed["alice"]}
+
+
+def _click_new_name(farm: Farm, headers: dict[str, str], name: str, start: threading.Barrier) -> requests.Response:
+    shape = nib.load(STS / "STS_001_ct.nii.gz").shape
+    params = {"points": [[d // 2 for d in shape[:3]]], "point_labels": [1], "label_prompt": [name]}
+    start.wait(30)
+    return requests.post(
+        f"{farm.url}/infer/vista3d",
+        params={"image": "STS_001_ct", "output": "json"},
+        files={"params": (None, json.dumps(params))},
+        headers=headers,
+        timeout=300,
+    )
+
+
+def test_two_replicas_creating_one_new_name_at_once_give_it_one_id(farm: Farm) -> None:
+    """Users on different replicas click with the same new zero-shot name at the same moment (and a
+    third with another name): the shared state store gives the name one id, the other name another."""
+    by_replica: dict[str, dict[str, str]] = {}
+    for name in USERS:
+        headers = sign_in(farm, name)
+        by_replica.setdefault(replica_of(farm, headers), headers)
+    assert set(by_replica) == {"1", "2"}
+    calls = [(by_replica["1"], "renal cyst"), (by_replica["2"], "renal cyst"), (by_replica["2"], "polyp")]
+    start = threading.Barrier(len(calls))
+    with ThreadPoolExecutor(len(calls)) as pool:
+        answers = list(pool.map(lambda c: _click_new_name(farm, c[0], c[1], start), calls))
+    assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers]
+    assert [a.headers["x-replica"] for a in answers] == ["1", "2", "2"]
+    ids = [a.json()["label_prompt"][0] for a in answers]
+    assert ids[0] == ids[1] != ids[2], f"ids {ids}"
+    for replica in ("1", "2"):  # each replica's /info names both, with the same ids
+        labels = requests.get(f"{farm.url}/info/", headers=by_replica[replica], timeout=60).json()
+        assert labels["models"]["vista3d"]["labels"]["renal cyst"] == ids[0]
+        assert labels["models"]["vista3d"]["labels"]["polyp"] == ids[2]
 
 
 def test_a_killed_replica_is_taken_out_and_its_users_served_by_the_other(farm: Farm) -> None:

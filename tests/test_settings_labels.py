@@ -27,6 +27,16 @@ def test_train_clicks_reach_a_loop_rounds_request() -> None:
     assert TrainRequest.parse({"clicks": 3}, Settings.from_conf({"train_clicks": "2"}), 64).clicks == 3
 
 
+def test_a_password_in_the_state_url_is_never_in_the_logged_settings_or_errors() -> None:
+    url = "postgresql://vista:s3cret@db:5432/state"
+    settings = Settings.from_conf({"state": url})
+    assert settings.state == url, "the store still connects with it"
+    assert "s3cret" not in repr(settings)
+    with pytest.raises(ValueError) as refused:
+        Settings.from_conf({"state": "mysql://vista:s3cret@db/state"})
+    assert "s3cret" not in str(refused.value) and "vista:***@db" in str(refused.value)
+
+
 def test_state_is_sqlite_by_default_or_a_postgresql_url() -> None:
     assert Settings.from_conf({}).state == ""
     assert (

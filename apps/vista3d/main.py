@@ -41,7 +41,7 @@ from lib.server.users import UserStore
 from lib.sessions import SessionStore
 from lib.settings import Settings, state_dir, users_path
 from lib.state import open_state_store
-from lib.state.lease import TRAINING, LeaseHeld, check_free
+from lib.state.lease import TRAINING, LeaseHeld, check_free, holding
 from lib.trainers.tasks import AutoTrainTask, PointTrainTask
 from lib.zero_shot import ZeroShotRegistry
 
@@ -163,7 +163,7 @@ class MyApp(MONAILabelApp):
         _check_served_behind_edge()
         torch.set_num_threads(self.settings.threads)
         super().on_init_complete()
-        self.store.remove_temp_files()  # a promotion killed with the server left them; no round runs yet
+        self._remove_leftovers()
         self.loop = LearningLoop(
             self.settings.train_trigger,
             self.settings.train_debounce_s,
@@ -175,6 +175,15 @@ class MyApp(MONAILabelApp):
         users = UserStore(users_path(self.settings.users, self.studies, self.app_dir))
         for line in getting_started(bind_host(), bind_port(), self.studies, len(users), self.settings.auth):
             logger.info("%s", line)
+
+    def _remove_leftovers(self) -> None:
+        """Files a promotion killed with the server left, removed holding the training lease: with
+        replicas, a round of another one may be running, and its files are not leftovers."""
+        try:
+            with holding(self.state, TRAINING):
+                self.store.remove_temp_files()
+        except LeaseHeld as e:
+            logger.info("Model store: temporary files left as they are (%s)", e)
 
     def _start_point_training(self) -> bool:
         """Start a background point round; False when a training is already running (here, or on

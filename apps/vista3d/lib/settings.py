@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .cores import available_cores
 
 # What --conf precision and auto_precision take (lib.inference.precision resolves "auto").
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-__all__ = ["AUTH_MODES", "PRECISIONS", "PRESETS", "Settings", "state_dir", "users_path"]
+__all__ = ["AUTH_MODES", "PRECISIONS", "PRESETS", "Settings", "redact_url", "state_dir", "users_path"]
 
 PRESETS = ("small", "vista3d")
 AUTH_MODES = ("auto", "on", "off")
@@ -45,11 +46,22 @@ def _parse_positive_int(key: str, value: str) -> int:
     return n
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (settings and errors are logged; a password in a URL must not be)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _parse_state(value: str) -> str:
     """Empty (SQLite in the state folder) or a PostgreSQL URL."""
     url = value.strip()
     if url and not url.startswith(("postgresql://", "postgres://")):
-        raise ValueError(f"--conf state must be empty (SQLite) or postgresql://user@host:port/db, got {url!r}")
+        raise ValueError(
+            f"--conf state must be empty (SQLite) or postgresql://user@host:port/db, got {redact_url(url)!r}"
+        )
     return url
 
 
@@ -189,7 +201,7 @@ class Settings:
     model_store: str = ""
     auth: str = "auto"
     users: str = ""
-    state: str = ""
+    state: str = field(default="", repr=False)  # may hold a password: logged through redact_url only
     cors_origins: tuple[str, ...] = ()
     token_hours: float = 12.0
     max_points: int = 200

@@ -8,11 +8,15 @@ default (``state.db`` in the state folder); PostgreSQL when ``--conf state`` is 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from ..settings import redact_url
 from .store import LeaseInfo, StateStore, Tx, process_holder
 
 __all__ = ["STATE_DB", "LeaseInfo", "StateStore", "Tx", "open_state_store", "process_holder"]
+
+logger = logging.getLogger(__name__)
 
 STATE_DB = "state.db"  # in the state folder (lib.settings.state_dir), beside users.json
 
@@ -22,9 +26,11 @@ def open_state_store(url: str, state_folder: str | Path) -> StateStore:
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
+        logger.info("State store: PostgreSQL at %s", redact_url(url))
         return PostgresStore(url)
     if url:
-        raise ValueError(f"--conf state must be empty (SQLite) or a postgresql:// URL, got {url!r}")
+        raise ValueError(f"--conf state must be empty (SQLite) or a postgresql:// URL, got {redact_url(url)!r}")
     from .sqlite import SQLiteStore
 
+    logger.info("State store: SQLite in %s", Path(state_folder) / STATE_DB)
     return SQLiteStore(Path(state_folder) / STATE_DB)
