@@ -38,6 +38,8 @@ sys.path.insert(0, str(APP_DIR))
 
 from bench.common import serve  # noqa: E402  (the launcher the benchmarks use too)
 
+from .postgres import BACKENDS, running_postgres, store_url  # noqa: E402
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if not DATA.is_dir():
@@ -227,3 +229,16 @@ def tokens(auth_server: Server) -> dict[str, str]:
         assert response.status_code == 200, response.text
         out[role] = response.json()["access_token"]
     return out
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[str]:
+    """A throw-away PostgreSQL for the module (tests/postgres.py), stopped at its end."""
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh state store for each backend: a SQLite file, or a new database on ``postgres_server``."""
+    return store_url(request, tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,21 +19,10 @@ from lib.state.lease import TRAINING, LeaseHeld, check_free
 from lib.state.migrations import MIGRATIONS
 from lib.trainers.tasks import PointTrainTask
 
-from .postgres import BACKENDS, open_backend, running_postgres, store_url
+from .postgres import open_backend
 from .state_workers import hold_forever, open_at_once
 
 SPAWN = mp.get_context("spawn")
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[str]:
-    with running_postgres() as url:
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return store_url(request, tmp_path)
 
 
 def test_migrations_are_applied_once_and_reopening_changes_nothing(state_url: str) -> None:

@@ -7,7 +7,6 @@ import json
 import multiprocessing as mp
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,10 @@ import pytest
 from lib.labels import ZERO_SHOT_FIRST, ZERO_SHOT_LAST
 from lib.zero_shot import ZeroShotNamesExhausted, ZeroShotRateLimited, ZeroShotRegistry
 
-from .postgres import BACKENDS, open_backend, running_postgres, store_url
+from .postgres import open_backend
 from .state_workers import create_name
 
 SPAWN = mp.get_context("spawn")
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[str]:
-    with running_postgres() as url:
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return store_url(request, tmp_path)
 
 
 def test_a_failed_request_gives_its_id_back(tmp_path: Path) -> None:

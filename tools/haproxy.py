@@ -45,7 +45,7 @@ from shutil import which
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project's tools package
 
-from tools.orthanc import die_with_parent  # the same parent-death signal as the project's Orthanc
+from tools.orthanc import die_with_parent, terminate  # stopped and tied to its parent as Orthanc is
 
 __all__ = [
     "COOKIE",
@@ -203,14 +203,7 @@ def server_states(run_dir: Path) -> dict[str, tuple[str, str]]:
 
 def stop_haproxy(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """SIGTERM (HAProxy closes at once), then SIGKILL if it does not exit in time."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    terminate(process, timeout_s)
 
 
 @contextmanager

@@ -19,7 +19,16 @@ from shutil import which
 
 import requests
 
-__all__ = ["PLUGIN", "OrthancError", "die_with_parent", "missing", "running_orthanc", "start_orthanc", "stop_orthanc"]
+__all__ = [
+    "PLUGIN",
+    "OrthancError",
+    "die_with_parent",
+    "missing",
+    "running_orthanc",
+    "start_orthanc",
+    "stop_orthanc",
+    "terminate",
+]
 
 TEMPLATE = Path(__file__).with_name("orthanc.json.in")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -94,6 +103,11 @@ def start_orthanc(home: Path, port: int, timeout_s: float = 30.0) -> tuple[subpr
 
 def stop_orthanc(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
     """SIGTERM (Orthanc closes its index cleanly), then SIGKILL if it does not exit in time."""
+    terminate(process, timeout_s)
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited within ``timeout_s``; waits for it."""
     if process.poll() is not None:
         return
     process.terminate()
