@@ -25,7 +25,10 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 APP_DIR = ROOT / "apps" / "vista3d"
 sys.path.insert(0, str(APP_DIR))
 
+sys.path.insert(0, str(ROOT))
+
 from lib.server.launch import server_command  # noqa: E402
+from tools.orthanc import die_with_parent  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,9 @@ def serve_replicas(
     cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--studies", str(studies), "--port", str(port)]
     cmd += ["--replicas", str(replicas), *(a for k, v in conf.items() for a in ("--conf", k, v))]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(  # with the benchmark: a killed one left N servers and HAProxy running
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent
+        )
     urls = [f"http://127.0.0.1:{port + i}" for i in range(1, replicas + 1)]
     try:
         deadline = time.monotonic() + limit_s

@@ -30,6 +30,7 @@ from tools.haproxy import config, missing, running_haproxy, server_states
 from tools.replicas import Fleet, Replica, plan_replicas
 
 from .conftest import PASSWORD, STS, Server, running_server
+from .postgres import fresh_database
 
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 # One thread each, no learning loop, float32 without a start-up measurement: two servers start on 2 cores.
@@ -110,8 +111,14 @@ def _enter_all(stack: ExitStack, managers: list[AbstractContextManager[Server]])
     return [f.result() for f in futures]
 
 
-@pytest.fixture(scope="module")
-def farm(test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def farm(
+    request: pytest.FixtureRequest, test_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Farm]:
+    """Two replicas behind HAProxy sharing the default SQLite state store, then a throw-away PostgreSQL one."""
+    conf = dict(CONF)
+    if request.param == "postgresql":
+        conf["state"] = fresh_database(request.getfixturevalue("postgres_server"))
     if problem := missing():
         pytest.fail(f"HAPROXY IS NOT INSTALLED: {problem}", pytrace=False)
     root = tmp_path_factory.mktemp("replica-studies")
@@ -123,7 +130,7 @@ def farm(test_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     logs = tmp_path_factory.mktemp("replica-logs")
     with ExitStack() as stack:
         managers = [
-            running_server(str(root), logs / f"r{i}.log", test_weights, conf=CONF, VISTA3D_REPLICA=str(i))
+            running_server(str(root), logs / f"r{i}.log", test_weights, conf=conf, VISTA3D_REPLICA=str(i))
             for i in (1, 2)
         ]
         servers = _enter_all(stack, managers)
