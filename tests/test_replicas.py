@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
+import pydicom
 import pytest
 import requests
 
@@ -29,7 +31,9 @@ from lib.server.users import Role, UserStore
 from tools.haproxy import config, missing, running_haproxy, server_states
 from tools.replicas import Fleet, Replica, plan_replicas
 
-from .conftest import PASSWORD, STS, Server, running_server
+from .conftest import DATA, PASSWORD, STS, Server, running_server
+from .helpers import nifti_bytes
+from .orthanc import running_orthanc
 from .postgres import fresh_database
 
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
@@ -44,6 +48,7 @@ class Farm:
     url: str
     replicas: dict[str, Server]
     run_dir: Path
+    image: str  # an image id of the farm's datastore
 
 
 def test_each_replica_gets_a_gpu_or_a_share_of_the_cores_unless_conf_says() -> None:
@@ -111,32 +116,45 @@ def _enter_all(stack: ExitStack, managers: list[AbstractContextManager[Server]])
     return [f.result() for f in futures]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["folder+sqlite", "orthanc+postgresql"])
 def farm(
     request: pytest.FixtureRequest, test_weights: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Farm]:
-    """Two replicas behind HAProxy sharing the default SQLite state store, then a throw-away PostgreSQL one."""
-    conf = dict(CONF)
-    if request.param == "postgresql":
-        conf["state"] = fresh_database(request.getfixturevalue("postgres_server"))
+    """Two replicas behind HAProxy: on a local folder with the default SQLite state store; then on a
+    throw-away Orthanc with a throw-away PostgreSQL state store (the several-machines layout)."""
     if problem := missing():
         pytest.fail(f"HAPROXY IS NOT INSTALLED: {problem}", pytrace=False)
     root = tmp_path_factory.mktemp("replica-studies")
-    for case in ("STS_001", "STS_002"):
-        os.symlink(STS / f"{case}_ct.nii.gz", root / f"{case}_ct.nii.gz")
-    store = UserStore(root / ".vista3d" / "users.json")
+    users = root / ".vista3d" / "users.json"
+    store = UserStore(users)
     for name in USERS:
         store.add(name, Role.ANNOTATOR, PASSWORD)
     logs = tmp_path_factory.mktemp("replica-logs")
+    conf, env = dict(CONF), {}
     with ExitStack() as stack:
+        if request.param == "folder+sqlite":
+            for case in ("STS_001", "STS_002"):
+                os.symlink(STS / f"{case}_ct.nii.gz", root / f"{case}_ct.nii.gz")
+            studies, image = str(root), "STS_001_ct"
+        else:
+            series = DATA / "sts_dicom" / "STS_001" / "image"
+            orthanc = stack.enter_context(running_orthanc(root / "orthanc", free_port(), (series,)))
+            studies, image = f"{orthanc}/dicom-web", _series_uid(series)
+            conf |= {"state": fresh_database(request.getfixturevalue("postgres_server"))}
+            conf |= {"users": str(users), "model_store": str(root / "models")}
+            env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(root / "cache")  # shared, as on one machine
         managers = [
-            running_server(str(root), logs / f"r{i}.log", test_weights, conf=conf, VISTA3D_REPLICA=str(i))
+            running_server(studies, logs / f"r{i}.log", test_weights, conf=conf, VISTA3D_REPLICA=str(i), **env)
             for i in (1, 2)
         ]
         servers = _enter_all(stack, managers)
         ports = [int(s.url.rsplit(":", 1)[1]) for s in servers]
         url = stack.enter_context(running_haproxy(logs / "haproxy", "127.0.0.1", free_port(), ports))
-        yield Farm(url, {"1": servers[0], "2": servers[1]}, logs / "haproxy")
+        yield Farm(url, {"1": servers[0], "2": servers[1]}, logs / "haproxy", image)
+
+
+def _series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
 
 
 def sign_in(farm: Farm, name: str) -> dict[str, str]:
@@ -180,12 +198,11 @@ def test_a_users_requests_stay_on_one_replica_and_users_spread(farm: Farm) -> No
 
 
 def _click_new_name(farm: Farm, headers: dict[str, str], name: str, start: threading.Barrier) -> requests.Response:
-    shape = nib.load(STS / "STS_001_ct.nii.gz").shape
-    params = {"points": [[d // 2 for d in shape[:3]]], "point_labels": [1], "label_prompt": [name]}
+    params = {"points": [[40, 40, 8]], "point_labels": [1], "label_prompt": [name]}  # inside any test CT
     start.wait(30)
     return requests.post(
         f"{farm.url}/infer/vista3d",
-        params={"image": "STS_001_ct", "output": "json"},
+        params={"image": farm.image, "output": "json"},
         files={"params": (None, json.dumps(params))},
         headers=headers,
         timeout=300,
@@ -214,10 +231,31 @@ def test_two_replicas_creating_one_new_name_at_once_give_it_one_id(farm: Farm) -
         assert labels["models"]["vista3d"]["labels"]["polyp"] == ids[2]
 
 
-def test_a_killed_replica_is_taken_out_and_its_users_served_by_the_other(farm: Farm) -> None:
+def _submit_box_label(farm: Farm, headers: dict[str, str], tmp_path: Path) -> tuple[np.ndarray, str]:
+    """A final label on the image's grid as the server reads it (fetched through the API), submitted."""
+    image = requests.get(f"{farm.url}/datastore/image", params={"image": farm.image}, headers=headers, timeout=120)
+    assert image.status_code == 200, image.text[:300]
+    (tmp_path / "image.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / "image.nii.gz")
+    label = np.zeros(grid.shape[:3], dtype=np.uint8)
+    label[8:24, 8:24, 2:6] = 133
+    saved = requests.put(
+        f"{farm.url}/datastore/label",
+        params={"image": farm.image, "tag": "final"},
+        files={"label": ("label.nii.gz", nifti_bytes(label, grid.affine))},
+        headers=headers,
+        timeout=120,
+    )
+    assert saved.status_code == 200, saved.text[:300]
+    return label, saved.headers["x-replica"]
+
+
+def test_a_killed_replica_is_taken_out_and_its_users_served_by_the_other(farm: Farm, tmp_path: Path) -> None:
     headers = sign_in(farm, "alice")
     home = replica_of(farm, headers)
     other = "2" if home == "1" else "1"
+    label, saved_by = _submit_box_label(farm, headers, tmp_path)  # alice's work before her replica dies
+    assert saved_by == home
     assert all(status.startswith("UP") for status, _ in server_states(farm.run_dir).values())
     answers: list[tuple[float, int, str | None]] = []
     done = threading.Event()
@@ -249,3 +287,10 @@ def test_a_killed_replica_is_taken_out_and_its_users_served_by_the_other(farm: F
     assert {replica for _, _, replica in answers} == {other}, answers
     # the token alice got before is valid there: signed with the key beside the shared user store
     assert requests.get(f"{farm.url}/info/", headers=headers, timeout=60).json()["server"]["user"] == "alice"
+    # and her label, saved through the dead replica, is read back through the other one, voxel for voxel
+    back = requests.get(
+        f"{farm.url}/datastore/label", params={"label": farm.image, "tag": "final"}, headers=headers, timeout=120
+    )
+    assert back.status_code == 200 and back.headers["x-replica"] == other, back.text[:300]
+    (tmp_path / "back.nii.gz").write_bytes(back.content)
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj), label)

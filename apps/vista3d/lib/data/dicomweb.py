@@ -23,8 +23,10 @@ from typing import Any
 import requests
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
+from filelock import FileLock
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
@@ -72,12 +74,27 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore, SafeLocalDatastore):
             self._download_series(image_id, image_dir)
         return super().get_image_uri(image_id)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """The cached label file where the index has one; MONAI Label's lookup otherwise.
+
+        MONAI Label takes a final label's id for the series UID of a DICOM-SEG and downloads that
+        series. A label saved through this server is indexed under its image's id, so it fetched the
+        CT itself as the "SEG" and failed: ``GET /datastore/label`` answered 500 for every final label
+        and a round could not read the labels it should train on.
+        """
+        cached = LocalDatastore.get_label_uri(self, label_id, label_tag)
+        if cached and os.path.isfile(cached):
+            return cached
+        return str(super().get_label_uri(label_id, label_tag, image_id))
+
     def _download_series(self, series_uid: str, image_dir: str) -> None:
         """Fetches the series in its stored transfer syntax (``transfer-syntax=*``), into ``image_dir`` atomically.
 
         MONAI Label asks for explicit VR little endian, which makes the server transcode; Orthanc's Debian
         build cannot transcode JPEG 2000 and answers 500. SimpleITK (GDCM) decodes the compressed files here.
-        One download per series at a time: a second request for it waits and finds it in the cache.
+        One download per series at a time: a second request for it waits and finds it in the cache;
+        a file lock beside it does the same for replicas sharing the cache (one replica's download
+        replaced the folder another was reading).
         """
         with self._downloads_lock:
             lock = self._downloads.setdefault(series_uid, threading.Lock())
@@ -87,7 +104,10 @@ class Vista3DDICOMWebDatastore(DICOMWebDatastore, SafeLocalDatastore):
             parent = os.path.dirname(image_dir)
             with storage_full_as_error(parent):
                 os.makedirs(parent, exist_ok=True)
-                self._fetch_into(series_uid, image_dir)
+                with FileLock(os.path.join(parent, f".{series_uid}.download.lock")):
+                    if os.path.isdir(image_dir) and os.listdir(image_dir):
+                        return
+                    self._fetch_into(series_uid, image_dir)
         logger.info("Downloaded series %s into %s", series_uid, image_dir)
 
     def _fetch_into(self, series_uid: str, image_dir: str) -> None:
