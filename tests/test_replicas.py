@@ -294,3 +294,14 @@ def test_a_killed_replica_is_taken_out_and_its_users_served_by_the_other(farm: F
     assert back.status_code == 200 and back.headers["x-replica"] == other, back.text[:300]
     (tmp_path / "back.nii.gz").write_bytes(back.content)
     assert np.array_equal(np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj), label)
+    # her click session died with the replica: her first click there edits that label, and says so
+    params = {"points": [[16, 16, 4]], "point_labels": [1], "label_prompt": [133]}
+    click = requests.post(
+        f"{farm.url}/infer/vista3d",
+        params={"image": farm.image, "output": "json"},
+        files={"params": (None, json.dumps(params))},
+        headers=headers,
+        timeout=300,
+    )
+    assert click.status_code == 200 and click.headers["x-replica"] == other, click.text[:300]
+    assert click.json()["previous"] == "saved label"
