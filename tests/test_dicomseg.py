@@ -21,6 +21,7 @@ from bench.common import free_port
 from lib.data.dicomseg import SegError, read_seg, segment_names, write_seg
 from lib.data.dicomweb import Vista3DDICOMWebDatastore
 from lib.labels import load_label_dictionary
+from lib.trainers.labelled import final_labels
 from lib.zero_shot import ZeroShotRegistry
 
 from .conftest import DATA
@@ -124,6 +125,10 @@ def test_final_label_round_trips_through_orthanc(store: Vista3DDICOMWebDatastore
     back = read_seg(seg, segment_names(CLASSES, store._registry.as_dict()))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
     assert series in store.get_labeled_images()  # MONAI Label's own SEG lookup finds the reference
+    # what a round trains on: the submitted label, read from the cache (MONAI Label fetched the CT as a SEG)
+    (found,) = final_labels(store)
+    assert found.image_id == series
+    np.testing.assert_array_equal(np.asarray(nib.load(found.label).dataobj), np.asarray(nib.load(label).dataobj))
 
 
 def test_jpeg2000_series_is_fetched_and_decoded(store: Vista3DDICOMWebDatastore) -> None:
