@@ -17,11 +17,33 @@ from typing import Any
 
 from .failpoints import failpoint
 
-__all__ = ["StorageFull", "replace_all", "replace_with", "storage_full_as_error", "write_json"]
+__all__ = [
+    "FileVersion",
+    "StorageFull",
+    "file_version",
+    "replace_all",
+    "replace_with",
+    "storage_full_as_error",
+    "write_json",
+]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 Writer = Callable[[str], object]
+FileVersion = tuple[int, int, int]
+
+
+def file_version(path: str | Path) -> FileVersion | None:
+    """Which version of ``path`` is on disk (None: none): cheap to poll before each use.
+
+    Each write here renames a new file over the old one, so the inode changes even when two writes
+    fall in one coarse mtime tick; size and mtime catch a file rewritten in place by someone else.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class StorageFull(OSError):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from .atomic import write_json
+from .atomic import FileVersion, file_version, write_json
 from .failpoints import failpoint
 
 if TYPE_CHECKING:  # torch and MONAI load only where weights are written or read: the rollback tool needs neither
@@ -85,14 +85,9 @@ class ModelStore:
             return {"served": 0, "versions": [{"version": 0, "file": None}], "rounds": []}
         return json.loads(self.manifest_path.read_text())
 
-    def stamp(self) -> tuple[int, int, int] | None:
-        """Changes whenever the manifest is replaced (cheap to poll before each request): each write
-        renames a new file over it, so its inode changes even when two writes share an mtime tick."""
-        try:
-            st = self.manifest_path.stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+    def stamp(self) -> FileVersion | None:
+        """Changes whenever the manifest is replaced (cheap to poll before each request)."""
+        return file_version(self.manifest_path)
 
     def _entry(self, manifest: dict[str, Any], version: int) -> ServedVersion:
         for v in manifest["versions"]:
@@ -211,7 +206,7 @@ class ModelReloader:
         self.model = model
         self.store = store
         self.base_weights = model.weights
-        self._stamp: tuple[int, int, int] | None = (-1, -1, -1)  # no manifest read yet
+        self._stamp: FileVersion | None = (-1, -1, -1)  # no manifest read yet
         self._lock = threading.Lock()
         self.refresh()
 

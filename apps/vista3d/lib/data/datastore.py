@@ -32,7 +32,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import Datastore
 
-from ..atomic import replace_all, storage_full_as_error
+from ..atomic import FileVersion, file_version, replace_all, storage_full_as_error
 from .imageio import check_volume_header, load_label
 
 __all__ = [
@@ -101,24 +101,11 @@ def _image_shape(path: str) -> tuple[int, ...] | None:
     return None
 
 
-IndexKey = tuple[int, int, int]
-
-
-def _index_key(path: str) -> IndexKey | None:
-    """Identity of the index file's current version: every write renames a new file over it, so
-    the inode changes even when two writes fall in one coarse mtime tick."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 class SafeLocalDatastore(LocalDatastore):
     """``LocalDatastore`` with validated, atomic, confined writes (see the module docstring)."""
 
     _index: LocalDatastoreModel
-    _index_seen: IndexKey | None = None
+    _index_seen: FileVersion | None = None
     _writing = 0  # > 0 while this process holds the lock and edits the index: no reload under it
 
     def __init__(self, datastore_path: str, **kwargs: Any) -> None:
@@ -136,10 +123,10 @@ class SafeLocalDatastore(LocalDatastore):
     def _datastore(self, model: LocalDatastoreModel) -> None:
         self._index = model
         if hasattr(self, "_datastore_config_path"):
-            self._index_seen = _index_key(self._datastore_config_path)
+            self._index_seen = file_version(self._datastore_config_path)
 
     def _reload_if_replaced(self) -> None:
-        key = _index_key(self._datastore_config_path) if hasattr(self, "_datastore_config_path") else None
+        key = file_version(self._datastore_config_path) if hasattr(self, "_datastore_config_path") else None
         if key is None or key == self._index_seen:
             return
         with open(self._datastore_config_path) as f:
@@ -237,7 +224,7 @@ class SafeLocalDatastore(LocalDatastore):
     def _written(self) -> None:
         """The index file is this process's own write: no reload for it."""
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
-        self._index_seen = _index_key(self._datastore_config_path)
+        self._index_seen = file_version(self._datastore_config_path)
 
     def _restore(self, image_id: str, before: ImageLabelModel | None) -> None:
         if before is None:

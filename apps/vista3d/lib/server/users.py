@@ -27,7 +27,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from ..atomic import write_json
+from ..atomic import FileVersion, file_version, write_json
 
 __all__ = ["Role", "User", "UserError", "UserStore", "hash_password", "verify_password"]
 
@@ -127,16 +127,12 @@ class UserStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileVersion | None = None
         self._users: dict[str, User] = {}
 
     def _current(self) -> dict[str, User]:
         """The users as the file holds them now (a stat per call; parsed again only when it changed)."""
-        try:
-            st = self.path.stat()
-            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
+        stamp = file_version(self.path)
         with self._lock:
             if stamp != self._stamp:
                 self._users = self._read() if stamp is not None else {}

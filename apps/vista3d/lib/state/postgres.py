@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from ..settings import redact_url
 from .store import StateStore, Tx
 
 __all__ = ["ADVISORY_LOCK_KEY", "PostgresStore"]
@@ -40,7 +41,7 @@ class PostgresStore(StateStore):
         except ImportError as e:
             raise RuntimeError("--conf state postgresql://... needs psycopg: pip install 'psycopg[binary]'") from e
         self.url = url
-        self.description = f"PostgreSQL {_without_password(url)}"
+        self.description = f"PostgreSQL {redact_url(url)}"
         self._lock = threading.RLock()
         self._conn = self._connect()
         self.migrate()
@@ -73,12 +74,3 @@ class PostgresStore(StateStore):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def _without_password(url: str) -> str:
-    """The URL as logs may show it."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
