@@ -27,7 +27,7 @@ sys.path.insert(0, str(APP_DIR))
 
 sys.path.insert(0, str(ROOT))
 
-from lib.server.launch import server_command  # noqa: E402
+from lib.server.launch import server_command, server_env  # noqa: E402
 from tools.orthanc import die_with_parent  # noqa: E402
 
 
@@ -135,8 +135,7 @@ def serve(
     port = free_port()
     bin_dir = Path(sys.executable).parent
     cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), host, port, conf)
-    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    full_env = {**os.environ, "PATH": path, "PYTHONPATH": str(APP_DIR), **(env or {})}
+    full_env = {**server_env(APP_DIR, os.environ), **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True

@@ -16,7 +16,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from bench.common import free_port
-from lib.server.launch import server_command
+from lib.server.launch import server_command, server_env
 from lib.server.users import Role, UserStore
 
 from .conftest import ALLOWED_ORIGIN, APP_DIR, PASSWORD, ROOT, Server, running_server
@@ -145,8 +145,9 @@ def start(studies: Path, host: str, conf: dict[str, str], log: Path) -> subproce
     """Runs ``monailabel start_server`` behind the edge until it exits (or 90 s)."""
     bin_dir = Path(sys.executable).parent
     cmd = server_command(bin_dir / "monailabel", APP_DIR, str(studies), host, free_port(), conf)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(APP_DIR))
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        cmd, env=server_env(APP_DIR, os.environ), cwd=ROOT, capture_output=True, text=True, timeout=90
+    )
 
 
 def test_network_address_without_users_refuses_to_start(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from shutil import which
 from typing import IO
 
 from lib.cores import available_cores
-from lib.server.launch import PUBLIC_HOST_ENV, PUBLIC_PORT_ENV, REPLICA_ENV, server_command
+from lib.server.launch import PUBLIC_HOST_ENV, PUBLIC_PORT_ENV, REPLICA_ENV, server_command, server_env
 from tools.orthanc import die_with_parent
 
 __all__ = ["Fleet", "Replica", "count_gpus", "plan_replicas", "start_replica", "stop_all", "stop_replica"]
@@ -148,10 +148,7 @@ def start_replica(replica: Replica, studies: str, host: str, port: int, app_dir:
     bin_dir = Path(sys.executable).parent
     cmd = server_command(bin_dir / "monailabel", app_dir, studies, "127.0.0.1", replica.port, replica.conf)
     env = {
-        **replica.env,
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(app_dir),
+        **server_env(app_dir, {**replica.env, **os.environ}),
         REPLICA_ENV: str(replica.index),
         PUBLIC_HOST_ENV: host,
         PUBLIC_PORT_ENV: str(port),

@@ -36,7 +36,7 @@ APP_DIR = ROOT / "apps" / "vista3d"
 sys.path.insert(0, str(APP_DIR))
 sys.path.insert(0, str(ROOT))
 
-from lib.server.launch import server_command  # noqa: E402
+from lib.server.launch import server_command, server_env  # noqa: E402
 from tools.haproxy import HaproxyError, server_states, start_haproxy, stop_haproxy  # noqa: E402
 from tools.orthanc import OrthancError, die_with_parent, start_orthanc, stop_orthanc  # noqa: E402
 from tools.replicas import Fleet, plan_for_machine, port_taken, start_replica  # noqa: E402
@@ -71,8 +71,9 @@ def _serve(studies: str, args: argparse.Namespace) -> int:
     """Runs the server until it exits; SIGINT/SIGTERM/SIGHUP here become one SIGTERM to its process group."""
     bin_dir = Path(sys.executable).parent
     cmd = server_command(bin_dir / "monailabel", APP_DIR, studies, args.host, args.port, dict(args.conf))
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(APP_DIR)}
-    server = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent)
+    server = subprocess.Popen(
+        cmd, env=server_env(APP_DIR, os.environ), cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent
+    )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("%s: stopping the server", signal.Signals(signum).name)

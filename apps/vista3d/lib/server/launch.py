@@ -28,6 +28,7 @@ __all__ = [
     "getting_started",
     "is_loopback",
     "server_command",
+    "server_env",
 ]
 
 ASGI_APP = "lib.server.asgi:app"
@@ -91,6 +92,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def server_env(app_dir: Path, base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` (an environment) for :func:`server_command`: this venv's ``bin`` first on ``PATH``
+    (``monailabel start_server`` runs ``python`` from it) and the app on ``PYTHONPATH``."""
+    bin_dir = Path(sys.executable).parent
+    return {**base, "PATH": f"{bin_dir}{os.pathsep}{base.get('PATH', '')}", "PYTHONPATH": str(app_dir)}
 
 
 def server_command(
