@@ -55,12 +55,15 @@ def read_nrrd(content: bytes) -> tuple[np.ndarray, dict]:
     return data, header
 
 
-def infer_json(url: str, image: str, params: dict[str, Any], files: dict | None = None) -> requests.Response:
+def infer_json(
+    url: str, image: str, params: dict[str, Any], files: dict | None = None, headers: dict[str, str] | None = None
+) -> requests.Response:
     """An infer request answered with the result JSON only (fast checks of status and messages)."""
     return requests.post(
         f"{url}/infer/vista3d",
         params={"image": image, "output": "json"},
         files={"params": (None, json.dumps(params)), **(files or {})},
+        headers=headers,
         timeout=300,
     )
 

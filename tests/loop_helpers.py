@@ -34,12 +34,20 @@ def sarcoma_label(case: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.asarray(gtv.dataobj) > 0).astype(np.uint8) * SARCOMA, gtv.affine
 
 
-def put_label(url: str, image: str, label: np.ndarray, affine: np.ndarray, timeout: float = 60) -> requests.Response:
+def put_label(
+    url: str,
+    image: str,
+    label: np.ndarray,
+    affine: np.ndarray,
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
+) -> requests.Response:
     """What OHIF's and Slicer's "submit label" sends: a final label for the image."""
     return requests.put(
         f"{url}/datastore/label",
         params={"image": image, "tag": "final"},
         files={"label": (f"{image}.nii.gz", nifti_bytes(label, affine))},
+        headers=headers,
         timeout=timeout,
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tools import add_study
@@ -37,3 +38,8 @@ def running_orthanc(home: Path, port: int, series: tuple[Path, ...] = TEST_SERIE
     with _running_orthanc(home, port) as url:
         assert add_study.add(list(series), f"{url}/dicom-web", "http://viewer") == len(series)
         yield url
+
+
+def series_uid(folder: Path) -> str:
+    """The SeriesInstanceUID of the DICOM series in ``folder`` (its image id in a DICOMweb datastore)."""
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)

@@ -25,15 +25,11 @@ from lib.trainers.labelled import final_labels
 from lib.zero_shot import ZeroShotRegistry
 
 from .conftest import DATA
-from .orthanc import running_orthanc
+from .orthanc import running_orthanc, series_uid
 
 STS_SERIES = DATA / "sts_dicom" / "STS_001" / "image"
 ABDOMEN_SERIES = DATA / "totalseg" / "example_ct_dicom"
 CLASSES = load_label_dictionary().classes
-
-
-def _series_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
 
 
 def _boxes(shape: tuple[int, ...], ids: list[int]) -> np.ndarray:
@@ -67,7 +63,7 @@ def test_segments_are_named_numbered_and_reference_the_series(sts_nifti: str, tm
     assert seg.Modality == "SEG"
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3]
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver", "left kidney", "sarcoma"]
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == _series_uid(STS_SERIES)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid(STS_SERIES)
     source = pydicom.dcmread(next(STS_SERIES.iterdir()), stop_before_pixels=True)
     assert seg.StudyInstanceUID == source.StudyInstanceUID
 
@@ -111,7 +107,7 @@ def store(orthanc: str, tmp_path: Path) -> Vista3DDICOMWebDatastore:
 
 
 def test_final_label_round_trips_through_orthanc(store: Vista3DDICOMWebDatastore, tmp_path: Path) -> None:
-    series = _series_uid(STS_SERIES)
+    series = series_uid(STS_SERIES)
     image = store.get_image_uri(series)
     label = _label_file(image, [1, 14, 133], tmp_path / "submitted.nii.gz")
     store.save_label(series, str(label), "final", {})
@@ -136,7 +132,7 @@ def test_jpeg2000_series_is_fetched_and_decoded(store: Vista3DDICOMWebDatastore)
     series = next(
         s
         for s in store.list_images()
-        if s not in {_series_uid(DATA / "sts_dicom" / c / "image") for c in ("STS_001", "STS_002", "STS_003")}
+        if s not in {series_uid(DATA / "sts_dicom" / c / "image") for c in ("STS_001", "STS_002", "STS_003")}
     )
     image = nib.load(store.get_image_uri(series))
     assert image.shape == (512, 512, 20)

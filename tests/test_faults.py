@@ -52,7 +52,7 @@ from .loop_helpers import (
     training_process,
     wait,
 )
-from .orthanc import TEST_SERIES, require_orthanc
+from .orthanc import TEST_SERIES, require_orthanc, series_uid
 
 ROUND = {"promote_tolerance": "1.0", "train_threads": "1", "train_patience": "0"}
 MANUAL = {**ROUND, "train_trigger": "0", "train_steps": "500"}
@@ -255,10 +255,6 @@ def test_full_disk_answers_507_changes_nothing_and_recovers(tmp_path: Path, test
 # --- The image server (Orthanc) slow, down, and the server killed mid-upload ---
 
 
-def _series_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
-
-
 @pytest.fixture
 def image_server(tmp_path: Path) -> Iterator[tuple[Path, int, HoldingProxy]]:
     """Orthanc with the test series, behind a :class:`HoldingProxy`; stopped (if running) at the end."""
@@ -294,7 +290,7 @@ def test_image_server_slow_down_and_killed_mid_upload(
     tmp_path: Path, test_weights: Path, image_server: tuple[Path, int, HoldingProxy]
 ) -> None:
     home, port, proxy = image_server
-    slow, fast, third = (_series_uid(DATA / "sts_dicom" / c / "image") for c in ("STS_001", "STS_002", "STS_003"))
+    slow, fast, third = (series_uid(DATA / "sts_dicom" / c / "image") for c in ("STS_001", "STS_002", "STS_003"))
     env = {FAILPOINT_ENV: str(tmp_path), "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
     studies = f"http://127.0.0.1:{proxy.port}/dicom-web"
     conf = {"train_trigger": "0"}

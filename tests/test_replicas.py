@@ -8,7 +8,6 @@ store, so a token either issued is valid on both; HAProxy is the one ``make serv
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import requests
 
@@ -32,8 +30,9 @@ from tools.haproxy import config, missing, running_haproxy, server_states
 from tools.replicas import Fleet, Replica, plan_replicas
 
 from .conftest import DATA, PASSWORD, STS, Server, running_server
-from .helpers import nifti_bytes
-from .orthanc import running_orthanc
+from .helpers import infer_json
+from .loop_helpers import put_label
+from .orthanc import running_orthanc, series_uid
 from .postgres import fresh_database
 
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
@@ -139,7 +138,7 @@ def farm(
         else:
             series = DATA / "sts_dicom" / "STS_001" / "image"
             orthanc = stack.enter_context(running_orthanc(root / "orthanc", free_port(), (series,)))
-            studies, image = f"{orthanc}/dicom-web", _series_uid(series)
+            studies, image = f"{orthanc}/dicom-web", series_uid(series)
             conf |= {"state": fresh_database(request.getfixturevalue("postgres_server"))}
             conf |= {"users": str(users), "model_store": str(root / "models")}
             env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(root / "cache")  # shared, as on one machine
@@ -151,10 +150,6 @@ def farm(
         ports = [int(s.url.rsplit(":", 1)[1]) for s in servers]
         url = stack.enter_context(running_haproxy(logs / "haproxy", "127.0.0.1", free_port(), ports))
         yield Farm(url, {"1": servers[0], "2": servers[1]}, logs / "haproxy", image)
-
-
-def _series_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
 
 
 def sign_in(farm: Farm, name: str) -> dict[str, str]:
@@ -200,13 +195,7 @@ def test_a_users_requests_stay_on_one_replica_and_users_spread(farm: Farm) -> No
 def _click_new_name(farm: Farm, headers: dict[str, str], name: str, start: threading.Barrier) -> requests.Response:
     params = {"points": [[40, 40, 8]], "point_labels": [1], "label_prompt": [name]}  # inside any test CT
     start.wait(30)
-    return requests.post(
-        f"{farm.url}/infer/vista3d",
-        params={"image": farm.image, "output": "json"},
-        files={"params": (None, json.dumps(params))},
-        headers=headers,
-        timeout=300,
-    )
+    return infer_json(farm.url, farm.image, params, headers=headers)
 
 
 def test_two_replicas_creating_one_new_name_at_once_give_it_one_id(farm: Farm) -> None:
@@ -239,13 +228,7 @@ def _submit_box_label(farm: Farm, headers: dict[str, str], tmp_path: Path) -> tu
     grid = nib.load(tmp_path / "image.nii.gz")
     label = np.zeros(grid.shape[:3], dtype=np.uint8)
     label[8:24, 8:24, 2:6] = 133
-    saved = requests.put(
-        f"{farm.url}/datastore/label",
-        params={"image": farm.image, "tag": "final"},
-        files={"label": ("label.nii.gz", nifti_bytes(label, grid.affine))},
-        headers=headers,
-        timeout=120,
-    )
+    saved = put_label(farm.url, farm.image, label, grid.affine, timeout=120, headers=headers)
     assert saved.status_code == 200, saved.text[:300]
     return label, saved.headers["x-replica"]
 
@@ -296,12 +279,6 @@ def test_a_killed_replica_is_taken_out_and_its_users_served_by_the_other(farm: F
     assert np.array_equal(np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj), label)
     # her click session died with the replica: her first click there edits that label, and says so
     params = {"points": [[16, 16, 4]], "point_labels": [1], "label_prompt": [133]}
-    click = requests.post(
-        f"{farm.url}/infer/vista3d",
-        params={"image": farm.image, "output": "json"},
-        files={"params": (None, json.dumps(params))},
-        headers=headers,
-        timeout=300,
-    )
+    click = infer_json(farm.url, farm.image, params, headers=headers)
     assert click.status_code == 200 and click.headers["x-replica"] == other, click.text[:300]
     assert click.json()["previous"] == "saved label"
