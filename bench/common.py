@@ -21,7 +21,8 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = (ROOT / ".." / "shared" / "data").resolve()
+# The shared real CT; VISTA3D_DATA names a copy laid out the same way (a GPU machine gets a carried subset).
+DATA = Path(os.environ.get("VISTA3D_DATA") or ROOT / ".." / "shared" / "data").resolve()
 APP_DIR = ROOT / "apps" / "vista3d"
 sys.path.insert(0, str(APP_DIR))
 

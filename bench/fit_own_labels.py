@@ -6,7 +6,7 @@ first 5 of the learning curve's, STS_006..010) and, every ``--every`` steps, the
 segments those same objects through the server's click path (:func:`lib.simulate.evaluate_clicks`):
 Dice after 1, 3 and 5 clicks. Two kinds of round, side by side from the same start:
 
-* ``full``: today's round (:func:`lib.trainers.tasks.train_point`): encoder and point head on random
+* ``full``: today's round (:func:`lib.trainers.point_loop.train_point`): encoder and point head on random
   crops centred anywhere on the object;
 * ``head``: the round on the served click path (:mod:`lib.trainers.point_cached`): encoder frozen,
   its windows computed once, click sessions played as the server answers them.
@@ -37,8 +37,8 @@ from lib.simulate import evaluate_clicks, mean_at, scoring_engine
 from lib.trainers.corpus import SARCOMA_CURVE, sarcoma_volume
 from lib.trainers.data import SARCOMA_ID
 from lib.trainers.point_cached import train_point_head
+from lib.trainers.point_loop import train_point
 from lib.trainers.request import TrainRequest
-from lib.trainers.tasks import train_point
 
 logger = logging.getLogger("fit_own_labels")
 

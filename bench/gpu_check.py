@@ -2,20 +2,27 @@
 
 On a CUDA machine it runs, in order, each within what is left of ``--limit-s``:
 
-1. ``window``: one window (encoder + point head) of each preset in every precision the GPU offers,
+1. ``startup_precision``: what the server chooses at start for each path with ``precision`` and
+   ``auto_precision`` left at ``auto`` (the measured trials, the reason), per preset;
+2. ``window``: one window (encoder + point head) of each preset in every precision the GPU offers,
    cuDNN autotuning on (review #5, #10, #19), and the first window's time (the cold start);
-2. ``click`` / ``auto`` of ``small``, then of ``vista3d``: six simulated clicks on STS_021 and an
-   automatic segmentation of nine organs of ``example_ct``, with Dice against the same run on the
-   CPU in float32 (#19);
-3. ``point_step_peak``: peak GPU memory of one ``vista3d`` point-training step at 128³, against the
-   estimate that decides whether a round may share the server's GPU (#3);
-4. ``auto_everything_peak``: peak GPU memory of a ``vista3d`` "everything" auto of ``example_ct`` (#15);
+3. ``click`` of ``small``, then of ``vista3d``: six simulated clicks on STS_021 per precision, with
+   Dice against the same run on the CPU in float32 (#19) and each click's latency;
+4. ``auto_small``: an automatic segmentation of nine organs of ``example_ct`` against the CPU;
 5. ``click_during_auto``: a click's latency while an auto holds the compute slot, through the
    server's scheduler (#8);
 6. ``two_rank_round``: ``PointTrainTask._train_distributed`` with ``world_size`` 2 (#2): on one GPU
-   the refusal, on two the round.
+   the refusal, on two the round;
+7. ``point_step_peak``: peak GPU memory of one ``vista3d`` point-training step at 128³, against the
+   estimate that decides whether a round may share the server's GPU (#3);
+8. ``auto_everything_peak``: peak GPU memory of a ``vista3d`` "everything" auto of ``example_ct`` (#15);
+9. ``auto_vista3d``: the nine organs with ``vista3d`` against the CPU (slowest: its CPU reference).
 
-It writes one JSON (``artifacts/gpu_check.json`` by default). Without CUDA it says so, writes a JSON
+It imports nothing of MONAI Label's server (only ``two_rank_round`` does, and only on two GPUs), so
+it runs where just torch, MONAI, nibabel and pydicom are installed; ``VISTA3D_DATA`` names the data
+folder when ``../shared/data`` is not beside the checkout (``tools/gpu_session.sh``).
+
+It writes one JSON (``artifacts/gpu_check.json`` by default), after every check. Without CUDA it says so, writes a JSON
 that says so, and exits 0. ``vista3d`` runs on ``--vista3d-weights`` (random weights when absent:
 times and memory are the same, agreement with the CPU still means something, Dice to truth does not).
 
@@ -39,9 +46,11 @@ import torch
 from click_latency import DEFAULT_CASES, app_run
 from common import ROOT, multiclass_agreement, parse_case
 
+from lib.atomic import write_json
 from lib.inference.engine import Engine
 from lib.inference.gpu_memory import round_gpu_bytes
 from lib.inference.hardware import reduced_support, select_device, use_device
+from lib.inference.precision import TrialCache, choose_precisions
 from lib.inference.segment import new_state
 from lib.labels import load_label_dictionary
 from lib.model import LoadedModel, build_network, load_model, patch_size_for
@@ -72,6 +81,21 @@ def _engine(model: LoadedModel, precision: str) -> Engine:
 
 def _precisions(device: torch.device) -> list[str]:
     return ["fp32", *(s.precision for s in reduced_support(device) if s.usable)]
+
+
+def startup_precision(preset: str, weights: str | None, device: torch.device) -> dict[str, Any]:
+    """What the server would choose at start on this GPU (``precision`` and ``auto_precision`` left at
+    ``auto``): each path's precision, the reason and the measured trial, as ``/info`` shows them."""
+    model = _model(preset, weights, device)
+    precisions = choose_precisions(
+        {"click": "auto", "auto": "auto"},
+        model,
+        patch_size_for(preset),
+        LABELS.preprocessing.hu_window,
+        LABELS.everything,
+        TrialCache(None),
+    )
+    return precisions.as_dict()
 
 
 def window_check(preset: str, weights: str | None, device: torch.device) -> dict[str, Any]:
@@ -145,7 +169,7 @@ def auto_check(preset: str, weights: str | None, device: torch.device) -> dict[s
 def point_step_peak(weights: str | None, device: torch.device) -> dict[str, Any]:
     """Peak GPU memory of one vista3d point-training step at 128³ against the placement estimate."""
     from lib.trainers.corpus import sarcoma_volume
-    from lib.trainers.tasks import train_point
+    from lib.trainers.point_loop import train_point
 
     network = _model("vista3d", weights, device).network
     volume = sarcoma_volume(parse_case(DEFAULT_CASES[0]).image.parent, "STS_021", LABELS)
@@ -232,17 +256,25 @@ def checks(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Ch
     """Smallest first: the time limit cuts the largest."""
     w = args.vista3d_weights
     return [
+        ("startup_precision_small", lambda: startup_precision("small", None, device)),
+        ("startup_precision_vista3d", lambda: startup_precision("vista3d", w, device)),
         ("window_small", lambda: window_check("small", None, device)),
         ("window_vista3d", lambda: window_check("vista3d", w, device)),
         ("click_small", lambda: click_check("small", None, device)),
+        ("click_vista3d", lambda: click_check("vista3d", w, device)),
         ("auto_small", lambda: auto_check("small", None, device)),
         ("click_during_auto", lambda: click_during_auto(None, device)),
         ("two_rank_round", lambda: two_rank_round(device)),
-        ("click_vista3d", lambda: click_check("vista3d", w, device)),
         ("point_step_peak", lambda: point_step_peak(w, device)),
         ("auto_everything_peak", lambda: auto_everything_peak(w, device)),
         ("auto_vista3d", lambda: auto_check("vista3d", w, device)),
     ]
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    """After every check: a run killed by its caller's time limit keeps the figures it has."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, report)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -275,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["wall_s"] = round(time.perf_counter() - start, 1)
         report["checks"][name] = result
         print(f"gpu_check: {name}: {json.dumps(result)}", flush=True)
+        _write(args.out, report)
         torch.cuda.empty_cache()
     return report
 
@@ -289,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    _write(args.out, report)
     print(f"gpu_check: wrote {args.out}")
     return 0
 

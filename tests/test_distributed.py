@@ -21,9 +21,10 @@ from lib.model_store import ModelStore
 from lib.settings import Settings
 from lib.trainers.data import CachedVolume
 from lib.trainers.distributed import _buckets, backend_for, check_world_size, rank_device
+from lib.trainers.point_loop import train_point
 from lib.trainers.request import TrainRequest
 from lib.trainers.schedule import _set_rng_state, rng_state
-from lib.trainers.tasks import PointTrainTask, train_point
+from lib.trainers.tasks import PointTrainTask
 
 REQ = TrainRequest(steps=2, crop=32, rounds=2, lr=1e-2, world_size=2, seed=3)
 # gloo sums two float32 gradients exactly as a + b does in process, so the runs agree to the bit;

@@ -22,10 +22,11 @@ from lib.model_store import ModelReloader, ModelStore
 from lib.settings import Settings
 from lib.trainers.data import CachedVolume
 from lib.trainers.labelled import final_labels, load_final_volumes
+from lib.trainers.point_loop import replay_weights
 from lib.trainers.request import TrainRequest
 from lib.trainers.schedule import TrainStats
 from lib.trainers.split import ValidationSplit, hold_back
-from lib.trainers.tasks import PointTrainTask, Trained, replay_weights
+from lib.trainers.tasks import PointTrainTask, Trained
 
 from .conftest import ROOT, STS
 

@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, help="resume from / write the point run's checkpoint here")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--before", type=Path, help="earlier starter weights to score on the same held-out cases")
+    p.add_argument("--shift", type=int, default=0, help="voxels a point crop may move off its object voxel")
+    p.add_argument("--max-minutes", type=float, help="end the point phase after this long (its rate decays over it)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures (a machine without the held-out CT)")
+    p.add_argument("--evaluate", type=Path, help="only the figures of these weights (no training)")
     return p.parse_args(argv)
 
 
@@ -125,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: autotuned convolutions pay off
+    if args.evaluate:
+        return evaluate(args)
     config = RecipeConfig(
         data=args.data, cache=args.cache, steps=args.steps, seed=args.seed, lr=args.lr, rounds=args.rounds,
-        device=args.device,
+        device=args.device, shift=args.shift, max_minutes=args.max_minutes,
+        time_schedule=args.max_minutes is not None,
     )  # fmt: skip
     args_given = sys.argv[1:] if argv is None else argv
     report: dict = {"command": shlex.join([".venv/bin/python", "tools/train_starter.py", *args_given])}
@@ -142,21 +151,43 @@ def main(argv: list[str] | None = None) -> int:
         report["point"] = {
             "steps": stats.steps, "seconds": round(stats.seconds, 1), "loss_first": round(stats.loss_first, 4),
             "loss_last": round(stats.loss_last, 4), "rounds": args.rounds, "lr": args.lr,
-            "init": str(args.init) if args.init else "seeded random",
+            "init": str(args.init) if args.init else "seeded random", "shift": args.shift,
+            "device": args.device, "stopped_by_time": stats.stopped_early,
         }  # fmt: skip
         trained_on = {"abdomen": list(ABDOMEN), "sarcoma_as_zero_shot_133": list(SARCOMA_STARTER)}
     report["auto"] = train_auto_branch(network, args)
-    report["sarcoma_heldout"] = heldout_sarcoma_dice(network, args.data)
+    report["trained_on"] = trained_on
+    network.cpu()
+    save_state(network, args.out)  # before the figures: a run cut short keeps its weights
+    if not args.no_figures:
+        report.update(figures(network, args))
+    write_json(args.out.with_suffix(".json"), report)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def figures(network: VISTA3D, args: argparse.Namespace) -> dict:
+    """Held-out clicks (and ``--before``'s on the same cases) and the organs' auto Dice, on the CPU
+    (the server's default device; the figures do not depend on where the weights were trained)."""
+    out: dict = {"sarcoma_heldout": heldout_sarcoma_dice(network, args.data)}
     if args.before:
         before = build_network("small")
         load_state(before, args.before)
-        report["sarcoma_heldout_before"] = {**heldout_sarcoma_dice(before, args.data), "weights": str(args.before)}
+        out["sarcoma_heldout_before"] = {**heldout_sarcoma_dice(before, args.data), "weights": str(args.before)}
     organs = organ_dice(network, args.data)
-    report["organs_auto_dice_on_training_scan"] = organs
-    report["organs_mean"] = round(float(np.mean(list(organs.values()))), 4)
-    report["trained_on"] = trained_on
-    save_state(network, args.out)
-    write_json(args.out.with_suffix(".json"), report)
+    out["organs_auto_dice_on_training_scan"] = organs
+    out["organs_mean"] = round(float(np.mean(list(organs.values()))), 4)
+    return out
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``--evaluate W``: the figures of trained weights, added to the report beside them."""
+    network = build_network("small")
+    load_state(network, args.evaluate)
+    report_path = args.evaluate.with_suffix(".json")
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report.update(figures(network, args))
+    write_json(report_path, report)
     print(json.dumps(report), flush=True)
     return 0
 

@@ -156,8 +156,13 @@ class VolumeSampler:
     """Random object-centred crops of cached volumes, reproducible from a seed.
 
     A crop is centred on a random labelled voxel (a random supervoxel voxel in volumes without
-    labels), then shifted to lie inside the volume. With ``supervoxel_sampling`` the crop's label
-    gets supervoxel objects (:mod:`.supervoxel_objects`).
+    labels), moved by up to ``shift`` voxels along each axis, then shifted to lie inside the volume.
+    With ``supervoxel_sampling`` the crop's label gets supervoxel objects (:mod:`.supervoxel_objects`).
+
+    Why ``shift``: with every crop centred on its object, "the object is at the centre" answers
+    every training click, and a point head trained so learns that prior instead of reading the
+    click's place and sign (``docs/point-rounds.md``). The server centres a window on the click, but
+    a correction's window holds earlier clicks and the object anywhere.
     """
 
     def __init__(
@@ -167,8 +172,10 @@ class VolumeSampler:
         seed: int,
         weights: Sequence[float] | None = None,
         supervoxel_sampling: SupervoxelSampling | None = None,
+        shift: int = 0,
     ):
         self.volumes = list(volumes)
+        self.shift = int(shift)
         self.patch = tuple(int(p) for p in patch)
         self.rng = np.random.default_rng(seed)
         w = np.ones(len(self.volumes)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -193,6 +200,8 @@ class VolumeSampler:
         index = int(self.rng.choice(len(self.volumes), p=self.weights))
         vol, centres = self.volumes[index], self._centres[index]
         centre = centres[int(self.rng.integers(len(centres)))]
+        if self.shift:
+            centre = centre + self.rng.integers(-self.shift, self.shift + 1, size=3)
         image = pad_to_patch(vol.image, self.patch)
         size = image.shape[1:]
         start = [int(np.clip(c - p // 2, 0, s - p)) for c, s, p in zip(centre, size, self.patch, strict=True)]

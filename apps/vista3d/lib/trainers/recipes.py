@@ -57,6 +57,8 @@ class RecipeConfig:
     max_minutes: float | None = None
     rounds: int = 2
     device: str = "cpu"
+    shift: int = 0  # voxels a crop may move off its object voxel (see VolumeSampler)
+    time_schedule: bool = False  # decay the learning rate over max_minutes when they end first
 
 
 def recipe_volumes(config: RecipeConfig, mode: str) -> tuple[list[CachedVolume], list[float]]:
@@ -97,9 +99,10 @@ def train_point_recipe(
     network.to(torch.device(config.device))
     trainer = PointTrainer(network, scratch_point_config(labels.special, config.rounds), lr=config.lr, seed=config.seed)
     sv = SupervoxelSampling() if mode == "lowlevel" else None
-    sampler = VolumeSampler(volumes, (config.crop,) * 3, config.seed, weights, sv)
+    sampler = VolumeSampler(volumes, (config.crop,) * 3, config.seed, weights, sv, shift=config.shift)
     max_s = 60 * config.max_minutes if config.max_minutes else None
     stats = run_steps(
-        trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s, checkpoint=checkpoint
-    )
+        trainer, sampler, config.steps, config.warmup, desc=f"train[{mode}]", max_seconds=max_s, checkpoint=checkpoint,
+        time_schedule=config.time_schedule,
+    )  # fmt: skip
     return network, stats

@@ -136,16 +136,29 @@ def run_steps(
     on_step: Callable[[int, float], None] | None = None,
     checkpoint: Checkpoint | None = None,
     stop_when: Callable[[int], bool] | None = None,
+    time_schedule: bool = False,
 ) -> TrainStats:
     """``steps`` optimiser steps on what ``sampler`` draws (redrawn when a step returns None: a crop without an object).
 
     With ``checkpoint``, resumes from its file when there is one and writes it every
     ``checkpoint.every`` steps and at the end. ``stop_when(step)`` returning True ends the run
-    early (e.g. :class:`.early_stop.EarlyStop`).
+    early (e.g. :class:`.early_stop.EarlyStop`). With ``time_schedule`` (and ``max_seconds``) the
+    learning rate decays over whichever ends first, the steps or the time: a run on a machine of
+    unknown speed ends annealed rather than cut off at a high rate.
     """
-    sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: lr_factor(s, warmup, steps))
     losses: list[float] = []
     seconds_before = 0.0
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - start
+
+    def factor(step: int) -> float:
+        if time_schedule and max_seconds:
+            step = max(step, int(steps * min(1.0, elapsed() / max_seconds)))
+        return lr_factor(step, warmup, steps)
+
+    start = time.perf_counter()
+    sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, factor)
     if checkpoint is not None and checkpoint.path.is_file():
         state = torch.load(checkpoint.path, map_location="cpu", weights_only=False)
         trainer.load_state_dict(state["trainer"])
@@ -165,7 +178,7 @@ def run_steps(
                     "scheduler": sched.state_dict(),
                     "rng": rng_state(),
                     "losses": losses,
-                    "seconds": seconds_before + time.perf_counter() - start,
+                    "seconds": elapsed(),
                 },
             )
 
@@ -175,7 +188,7 @@ def run_steps(
     redraws = 0
     done_before = len(losses)
     while len(losses) < steps:
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        if max_seconds is not None and (elapsed() if time_schedule else time.perf_counter() - start) > max_seconds:
             logger.warning("%s: time limit reached after %d of %d steps", desc, len(losses), steps)
             stopped = True
             break
@@ -205,4 +218,4 @@ def run_steps(
     save()
     first = float(np.mean(losses[:20])) if losses else float("nan")
     last = float(np.mean(losses[-20:])) if losses else float("nan")
-    return TrainStats(len(losses), seconds_before + time.perf_counter() - start, first, last, stopped)
+    return TrainStats(len(losses), elapsed(), first, last, stopped)

@@ -32,7 +32,6 @@ import copy
 import logging
 import time
 from abc import abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -44,91 +43,27 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..inference.precision import Precisions
 from ..labels import LabelDictionary
-from ..model import LoadedModel, build_network, patch_size_for
+from ..model import LoadedModel, patch_size_for
 from ..model_store import ModelStore, ServedVersion
 from ..settings import Settings
 from ..state import StateStore
 from ..state.lease import TRAINING, LeaseHeld, holding
 from .auto_trainer import AutoTrainer
 from .data import CachedVolume, VolumeSampler
-from .distributed import average_gradients, spawn
+from .distributed import spawn
 from .early_stop import EarlyStop, monitored_labels, round_lr
 from .gate import Decision, GateConfig, decide
 from .labelled import FinalLabel, final_labels, load_final_volumes
 from .point_cached import train_point_head
-from .point_trainer import PointTrainConfig, PointTrainer
+from .point_loop import point_worker, replay_weights, train_point
 from .request import TrainRequest
 from .schedule import TrainStats, run_steps, seed_everything
 from .split import RoundLabels, ValidationSplit, round_labels
-from .supervoxel_objects import SupervoxelSampling
 from .validation import ClickScorer, auto_dice, click_dice
 
-__all__ = ["AutoTrainTask", "PointTrainTask", "replay_weights", "train_point"]
+__all__ = ["AutoTrainTask", "PointTrainTask", "Trained"]
 
 logger = logging.getLogger(__name__)
-
-# Supervoxels of a team's images, where generated, add zero-shot objects now and then.
-FINETUNE_SUPERVOXELS = SupervoxelSampling(new_object_prob=0.2, edit_object_prob=0.1, max_new=1)
-
-
-def replay_weights(volumes: list[CachedVolume], new: set[str], replay_share: float) -> list[float]:
-    """Sampling weights: new labels share ``1 - replay_share`` of the steps, earlier ones the rest."""
-    n_new = sum(v.name in new for v in volumes)
-    n_old = len(volumes) - n_new
-    if n_new == 0 or n_old == 0:
-        return [1.0] * len(volumes)
-    return [(1 - replay_share) / n_new if v.name in new else replay_share / n_old for v in volumes]
-
-
-def train_point(
-    network: VISTA3D,
-    volumes: list[CachedVolume],
-    weights: list[float],
-    req: TrainRequest,
-    special: frozenset[int],
-    rank: int = 0,
-    world: int = 1,
-    stop_when: Callable[[int], bool] | None = None,
-    grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
-) -> TrainStats:
-    """The point branch's training loop, shared by single- and multi-process runs and the benchmarks.
-
-    ``grad_sync`` averages gradients over the ranks; by default the process group's all-reduce when
-    ``world > 1`` (a test passes an in-process one to check the arithmetic).
-    """
-    seed_everything(req.seed + rank)
-    config = PointTrainConfig(rounds=req.rounds, special=special, train_encoder=req.train_encoder)
-    sync = grad_sync or (average_gradients if world > 1 else None)
-    trainer = PointTrainer(network, config, lr=req.lr, seed=req.seed + rank, grad_sync=sync)
-    sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed + rank, weights, FINETUNE_SUPERVOXELS)
-    max_s = 60 * req.max_minutes if req.max_minutes and world == 1 else None
-    warmup = max(1, req.steps // 10)
-    desc = f"point[rank {rank}]"
-    return run_steps(trainer, sampler, req.steps, warmup, desc=desc, max_seconds=max_s, stop_when=stop_when)
-
-
-def _point_worker(
-    rank: int,
-    world: int,
-    device: torch.device,
-    preset: str,
-    state: dict[str, torch.Tensor],
-    volumes: list[CachedVolume],
-    weights: list[float],
-    req: TrainRequest,
-    special: frozenset[int],
-    out: str,
-    threads: int,
-) -> None:
-    """One rank: its own network, built from the CPU ``state`` on ``device``, ``threads`` torch threads
-    (a spawned process starts with every core); rank 0 writes the result."""
-    torch.set_num_threads(threads)
-    network = build_network(preset)
-    network.load_state_dict(state)
-    network.to(device)
-    stats = train_point(network, volumes, weights, req, special, rank, world)
-    if rank == 0:
-        torch.save({"state": {k: v.detach().cpu() for k, v in network.state_dict().items()}, "stats": stats}, out)
 
 
 @dataclass
@@ -371,7 +306,7 @@ class PointTrainTask(FineTuneTask):
         device_type = next(network.parameters()).device.type
         threads = max(1, self.settings.train_threads // req.world_size)  # the ranks share the round's threads
         args = (self.model.preset, state, volumes, weights, req, self.labels.special, str(out), threads)
-        spawn(req.world_size, _point_worker, *args, device_type=device_type)
+        spawn(req.world_size, point_worker, *args, device_type=device_type)
         result = torch.load(out, map_location="cpu", weights_only=False)
         out.unlink(missing_ok=True)
         network.load_state_dict(result["state"])

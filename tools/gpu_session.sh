@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One prepared GPU session (docs/gpu.md): run on a lent GPU machine, from the repository root, after
+# tools/gpu_prepare.sh filled .gpu/ here (carry `.gpu`). Within BUDGET seconds it
+#   1. installs the carried wheels, records the machine (nvidia-smi, torch);
+#   2. runs bench/gpu_check.py: the serving path on CUDA (the precisions chosen at start, windows,
+#      clicks and autos against the CPU, memory peaks), hard-capped at CHECK_S seconds;
+#   3. trains the `small` starter on the GPU in two arms side by side until the budget's end:
+#      `scratch` (seeded random start) and `continued` (from the shipped starter), both with crops
+#      moved up to 16 voxels off their object (VolumeSampler's shift), then each one's automatic branch;
+#   4. leaves in $OUT: each arm's weights (its point checkpoint's network if its run was cut), the
+#      scratch arm's checkpoint in bfloat16 split into 15 MiB parts (join with `cat`, resume with
+#      --checkpoint), gpu_check.json and logs.tgz (logs, reports, machine).
+# The held-out figures are taken back home: `tools/train_starter.py --evaluate OUT/scratch.pt`.
+set -uo pipefail
+BUDGET=${BUDGET:-550}
+CHECK_S=${CHECK_S:-200}
+OUT=${OUT:-artifacts/gpu_session}
+RUN=${RUN:-/tmp/gpu_run}
+PY=${PY:-python3}          # the image's python3 holds torch
+DEVICE=${DEVICE:-cuda}    # cpu for a dry run here
+T0=$SECONDS
+mkdir -p "$OUT" "$RUN"
+left() { echo $((BUDGET - (SECONDS - T0))); }
+
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 VISTA3D_DATA=$PWD/.gpu/data
+{ nvidia-smi; "$PY" -c 'import torch, monai, numpy; print("torch", torch.__version__, "cuda", torch.version.cuda, "monai", monai.__version__, "numpy", numpy.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'; lscpu | grep -E "Model name|^CPU\(s\)"; } > "$RUN/machine.txt" 2>&1
+cat "$RUN/machine.txt"
+
+echo "== gpu_check (at most ${CHECK_S} s) at $((SECONDS - T0)) s"
+timeout -s INT "$CHECK_S" "$PY" bench/gpu_check.py --limit-s $((CHECK_S - 80)) --out "$OUT/gpu_check.json" > "$RUN/gpu_check.log" 2>&1
+echo "gpu_check rc $?"; grep "gpu_check:" "$RUN/gpu_check.log" | cut -c1-400
+
+# The point phase ends 100 s before the budget: the automatic branch, saving and packing follow.
+MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 100) / 60), 2))")
+echo "== training two arms for ${MINUTES} min each at $((SECONDS - T0)) s"
+COMMON=(--device "$DEVICE" --steps 8000 --rounds 3 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 6 --no-figures)
+"$PY" tools/train_starter.py "${COMMON[@]}" --lr 1e-3 --checkpoint "$RUN/scratch.ckpt" --out "$RUN/scratch.pt" > "$RUN/scratch.log" 2>&1 &
+A=$!
+"$PY" tools/train_starter.py "${COMMON[@]}" --lr 5e-4 --init apps/vista3d/weights/small_starter.pt --checkpoint "$RUN/continued.ckpt" --out "$RUN/continued.pt" > "$RUN/continued.log" 2>&1 &
+B=$!
+while kill -0 $A 2>/dev/null || kill -0 $B 2>/dev/null; do
+  if [ "$(left)" -lt 25 ]; then echo "budget: stopping the arms"; kill -INT $A $B 2>/dev/null; sleep 5; kill -9 $A $B 2>/dev/null; break; fi
+  sleep 2
+done
+wait
+for arm in scratch continued; do grep -E "step [0-9]+/|Encoded|time limit" "$RUN/$arm.log" | tail -3; done
+
+echo "== packing at $((SECONDS - T0)) s"
+"$PY" - "$RUN" "$OUT" <<'PY'
+import shutil, sys, torch
+from pathlib import Path
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+def half(sd): return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+for arm in ("scratch", "continued"):
+    final, ckpt = run / f"{arm}.pt", run / f"{arm}.ckpt"
+    if final.is_file():
+        shutil.copy(final, out / final.name)
+    elif ckpt.is_file():  # cut during the automatic branch: the point phase's network
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        torch.save(half(state["trainer"]["network"]), out / f"{arm}_point.pt")
+ckpt = run / "scratch.ckpt"
+if ckpt.is_file():
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    def bf16(x):
+        if isinstance(x, torch.Tensor): return x.bfloat16() if x.is_floating_point() and x.dim() else x
+        if isinstance(x, dict): return {k: bf16(v) for k, v in x.items()}
+        if isinstance(x, list): return [bf16(v) for v in x]
+        return x
+    state["trainer"] = bf16(state["trainer"])
+    torch.save(state, run / "scratch.ckpt.bf16")
+PY
+[ -f "$RUN/scratch.ckpt.bf16" ] && split -b 15M -d "$RUN/scratch.ckpt.bf16" "$OUT/scratch.ckpt.bf16.part"
+tar -czf "$OUT/logs.tgz" -C "$RUN" $(cd "$RUN" && ls *.log *.txt *.json 2>/dev/null)
+ls -la "$OUT"; echo "done at $((SECONDS - T0)) s"
