@@ -28,13 +28,15 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 VISTA3
 cat "$RUN/machine.txt"
 
 echo "== gpu_check (at most ${CHECK_S} s) at $((SECONDS - T0)) s"
-timeout -s INT "$CHECK_S" "$PY" bench/gpu_check.py --limit-s $((CHECK_S - 80)) --out "$OUT/gpu_check.json" > "$RUN/gpu_check.log" 2>&1
-echo "gpu_check rc $?"; grep "gpu_check:" "$RUN/gpu_check.log" | cut -c1-400
+if [ "$CHECK_S" -gt 0 ]; then  # CHECK_S=0: training only
+  timeout -s INT "$CHECK_S" "$PY" bench/gpu_check.py --limit-s $((CHECK_S - 80)) --out "$OUT/gpu_check.json" > "$RUN/gpu_check.log" 2>&1
+  echo "gpu_check rc $?"; grep "gpu_check:" "$RUN/gpu_check.log" | cut -c1-400
+fi
 
 # The point phase ends 100 s before the budget: the automatic branch, saving and packing follow.
 MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 100) / 60), 2))")
 echo "== training two arms for ${MINUTES} min each at $((SECONDS - T0)) s"
-COMMON=(--device "$DEVICE" --steps 8000 --rounds 3 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 6 --no-figures)
+COMMON=(--data "$VISTA3D_DATA" --device "$DEVICE" --steps 8000 --rounds 3 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 6 --no-figures)
 "$PY" tools/train_starter.py "${COMMON[@]}" --lr 1e-3 --checkpoint "$RUN/scratch.ckpt" --out "$RUN/scratch.pt" > "$RUN/scratch.log" 2>&1 &
 A=$!
 "$PY" tools/train_starter.py "${COMMON[@]}" --lr 5e-4 --init apps/vista3d/weights/small_starter.pt --checkpoint "$RUN/continued.ckpt" --out "$RUN/continued.pt" > "$RUN/continued.log" 2>&1 &
