@@ -20,7 +20,7 @@ corrected, the 10 ``SARCOMA_HELDOUT`` held out); ``--train DIR`` and ``--holdout
 folders of ``<case>_ct.nii.gz`` + ``<case>_gtv.nii.gz`` pairs (any label voxel above 0 is the
 object; corrected in name order), e.g. 30 labels: ``--train DIR --measure-at 0,10,20,30``.
 
-    .venv/bin/python bench/learning_curve.py
+    .venv/bin/python bench/learning_curve.py [--cached]
     .venv/bin/python bench/learning_curve.py --train my/train --holdout my/holdout --measure-at 0,10,20,30
 
 Prints one JSON line; writes ``learning_curve.json`` and ``learning_curve.png`` to ``--out``.
@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimiser steps per round at most (default: the server's)")
     p.add_argument("--lr", type=float, help="base learning rate (default: the server's)")
     p.add_argument("--tolerance", type=float, help="the promotion gate's tolerance (default: the server's)")
+    p.add_argument("--cached", action="store_true", help="rounds on the served click path (encoder frozen)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-forgetting", action="store_true", help="skip the organs' auto Dice (saves ~2 min)")
@@ -129,6 +130,8 @@ def run_round(task: RecordingTask, ds: SafeLocalDatastore, n: int, args: argpars
     request: dict[str, Any] = {"seed": args.seed + n}
     if args.lr is not None:
         request["lr"] = args.lr
+    if args.cached:
+        request["cached"] = True
     result = task(request, ds)
     candidate = heldout_scores(task.candidate, holdout, task.labels) if task.candidate is not None else served
     promoted = result["promoted"] is not None
@@ -232,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr or settings.train_lr,
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
+            "round": "cached (served click path, encoder frozen)" if args.cached else "full (encoder + point head)",
         },  # fmt: skip
         "weights": str(args.weights),
         "rounds": rounds,

@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,23 @@ def test_a_server_without_bf16_serves_float32_and_says_why(no_bf16_server: Serve
         timeout=300,
     )
     assert response.status_code == 200, response.text
+
+
+def test_a_gpu_trial_times_passes_after_an_untimed_warm_up() -> None:
+    """On a GPU the first pass of a precision autotunes cuDNN: timed, it rated bfloat16 at 0.02x float32
+    on an H200. With ``warm_up`` the slow first pass is not the figure; without it, it is (a CPU's trial
+    keeps one pass when that pass is slow, as before)."""
+    from lib.inference.precision_probe import REPEAT_BELOW_S, _fastest
+
+    def first_pass_slow() -> Callable[[], torch.Tensor]:
+        calls = iter([REPEAT_BELOW_S + 0.5, 0.01, 0.01])
+
+        def once() -> torch.Tensor:
+            time.sleep(next(calls))
+            return torch.zeros(1)
+
+        return once
+
+    warmed, _ = _fastest(first_pass_slow(), warm_up=True)
+    cold, _ = _fastest(first_pass_slow())
+    assert warmed < 0.5 and cold > REPEAT_BELOW_S
