@@ -59,7 +59,26 @@ def test_a_mixed_result_on_enough_objects_is_not_worse_with_confidence() -> None
     held = (scores([0.65, 0.55], "h"), scores([0.50, 0.70], "h"))  # mean -0.0 but noisy
     decision = decide((served, candidate), held, CONFIG)
     assert decision.promote and decision.pooled is not None and decision.pooled.upper > 0
-    assert "not worse with confidence" in decision.reason
+    assert "not worse on 3 validation + 2 held-back objects" in decision.reason
+
+
+def test_a_mean_drop_beyond_the_tolerance_refuses_on_many_objects_too() -> None:
+    """The learning curve's third round (2026-12-04): mean -0.044 on four objects, two better and two
+    worse, upper bound above 0. The rule that refused on enough objects only when worse with
+    confidence promoted it, and it was 0.029 worse on the held-out cases."""
+    served = scores([0.60, 0.50, 0.70])
+    candidate = scores([0.42, 0.36, 0.77])
+    held = (scores([0.40], "h"), scores([0.47], "h"))
+    decision = decide((served, candidate), held, CONFIG)
+    assert decision.pooled is not None and decision.pooled.upper > 0 and decision.pooled.mean < -0.04
+    assert not decision.promote and "worse on 3 validation + 1 held-back objects" in decision.reason
+
+
+def test_worse_with_confidence_refuses_even_within_the_tolerance() -> None:
+    served = scores([0.60, 0.70, 0.50, 0.65, 0.55])
+    candidate = scores([v - 0.005 for v in (0.60, 0.70, 0.50, 0.65, 0.55)])
+    decision = decide((served, candidate), ({}, {}), CONFIG)
+    assert not decision.promote and "within the tolerance" in decision.reason
 
 
 def test_no_objects_no_promotion_and_evidence_is_reported() -> None:

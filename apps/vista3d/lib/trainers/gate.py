@@ -11,10 +11,13 @@ decisions wrong). So "test, then train":
   they join the next round's training. Served and candidate are scored on them and on the
   persisted validation split, object by object (the same objects, the same simulated clicks):
   objects neither model has trained on;
-* the gate looks at the paired differences (candidate - served) over those objects pooled. With
-  at least ``min_objects`` it refuses only when the candidate is worse with confidence: the
-  one-sided bootstrap upper bound of the mean difference is below 0 and the mean drop exceeds the
-  tolerance; with fewer, a mean drop beyond the tolerance refuses.
+* the gate looks at the paired differences (candidate - served) over those objects pooled. A mean
+  drop beyond the tolerance refuses, however many objects there are; with at least
+  ``min_objects``, so does a candidate worse with confidence (the one-sided bootstrap upper bound
+  of the mean difference below 0) even within the tolerance. An earlier rule refused on enough
+  objects only when both held, so more evidence made it more lenient: it promoted a candidate
+  whose mean was -0.044 on four objects (upper bound +0.056) that was 0.029 worse on the held-out
+  cases (learning curve of 2026-12-04).
 
 Every decision carries its evidence on validation, on the held-back labels and pooled (objects,
 mean difference, bound, wins and losses), which the round records and ``/info`` shows as
@@ -138,17 +141,22 @@ def decide(validation: Scores, held_back: Scores, config: GateConfig) -> Decisio
         return Decision(False, "no unseen labelled objects to compare on yet", val, held, pooled)
     where = f"{len(val_diffs)} validation + {len(held_diffs)} held-back objects"
     tol = config.tolerance
-    if pooled.objects >= config.min_objects:
-        if pooled.upper < 0 and pooled.mean < -tol:
-            reason = (
-                f"worse with confidence on {where}: mean {pooled.mean:+.4f}, {config.confidence:.0%} upper bound "
-                f"{pooled.upper:+.4f} ({pooled.worse} worse, {pooled.better} better)"
-            )
-            return Decision(False, reason, val, held, pooled)
-        reason = f"not worse with confidence on {where}: mean {pooled.mean:+.4f}, upper bound {pooled.upper:+.4f}"
-        return Decision(True, reason, val, held, pooled)
+    bounded = pooled.objects >= config.min_objects
+    if bounded and pooled.upper < 0:
+        within = " (within the tolerance)" if pooled.mean >= -tol else ""
+        reason = (
+            f"worse with confidence on {where}: mean {pooled.mean:+.4f}{within}, {config.confidence:.0%} upper "
+            f"bound {pooled.upper:+.4f} ({pooled.worse} worse, {pooled.better} better)"
+        )
+        return Decision(False, reason, val, held, pooled)
     if pooled.mean < -tol:
-        return Decision(False, f"worse on {where}: mean {pooled.mean:+.4f} (tolerance {tol})", val, held, pooled)
+        reason = (
+            f"worse on {where}: mean {pooled.mean:+.4f} (tolerance {tol}; {pooled.worse} worse, {pooled.better} better)"
+        )
+        return Decision(False, reason, val, held, pooled)
+    if bounded:
+        reason = f"not worse on {where}: mean {pooled.mean:+.4f}, upper bound {pooled.upper:+.4f}"
+        return Decision(True, reason, val, held, pooled)
     reason = (
         f"too few objects for a confidence bound; not worse beyond the tolerance on {where}: mean {pooled.mean:+.4f}"
     )
