@@ -52,15 +52,17 @@ echo "== packing at $((SECONDS - T0)) s"
 "$PY" - "$RUN" "$OUT" <<'PY'
 import shutil, sys, torch
 from pathlib import Path
+sys.path.insert(0, "apps/vista3d")
+from lib.model import build_network, save_state
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-def half(sd): return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 for arm in ("scratch", "continued"):
     final, ckpt = run / f"{arm}.pt", run / f"{arm}.ckpt"
     if final.is_file():
         shutil.copy(final, out / final.name)
-    elif ckpt.is_file():  # cut during the automatic branch: the point phase's network
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        torch.save(half(state["trainer"]["network"]), out / f"{arm}_point.pt")
+    elif ckpt.is_file():  # cut during the automatic branch: the point phase's network, saved as the starter is
+        network = build_network("small")
+        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["trainer"]["network"])
+        save_state(network, out / f"{arm}_point.pt")
 ckpt = run / "scratch.ckpt"
 if ckpt.is_file():
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

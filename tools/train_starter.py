@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def small_network(weights: Path) -> VISTA3D:
+    """A ``small`` network holding ``weights`` (a float16 state dict such as the starter's)."""
+    network = build_network("small")
+    load_state(network, weights)
+    return network
+
+
 @torch.inference_mode()
 def organ_dice(network: VISTA3D, data: Path) -> dict[str, float]:
     """Auto Dice per organ on the abdominal scan (the training scan: a sanity check, not generalisation)."""
@@ -141,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args_given = sys.argv[1:] if argv is None else argv
     report: dict = {"command": shlex.join([".venv/bin/python", "tools/train_starter.py", *args_given])}
     if args.point_weights:
-        network = build_network("small")
-        load_state(network, args.point_weights)
+        network = small_network(args.point_weights)
         logger.info("Encoder and point branch from %s", args.point_weights)
         report["point"], trained_on = reused_point_branch(args.point_weights)
     else:
@@ -171,8 +177,7 @@ def figures(network: VISTA3D, args: argparse.Namespace) -> dict:
     (the server's default device; the figures do not depend on where the weights were trained)."""
     out: dict = {"sarcoma_heldout": heldout_sarcoma_dice(network, args.data)}
     if args.before:
-        before = build_network("small")
-        load_state(before, args.before)
+        before = small_network(args.before)
         out["sarcoma_heldout_before"] = {**heldout_sarcoma_dice(before, args.data), "weights": str(args.before)}
     organs = organ_dice(network, args.data)
     out["organs_auto_dice_on_training_scan"] = organs
@@ -182,8 +187,7 @@ def figures(network: VISTA3D, args: argparse.Namespace) -> dict:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``--evaluate W``: the figures of trained weights, added to the report beside them."""
-    network = build_network("small")
-    load_state(network, args.evaluate)
+    network = small_network(args.evaluate)
     report_path = args.evaluate.with_suffix(".json")
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report.update(figures(network, args))
