@@ -24,12 +24,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from common import DATA, ROOT
 from monai.networks.nets.vista3d import VISTA3D
 
+from lib.atomic import write_json
 from lib.inference.hardware import cpu_isa
 from lib.labels import LabelDictionary, load_label_dictionary
 from lib.model import STARTER_WEIGHTS, load_model
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rounds", type=int, default=3, help="clicks per training session")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the scoring runs there too)")
+    p.add_argument("--max-minutes", type=float, help="end each mode's round after this long")
+    p.add_argument("--shift", type=int, default=0, help="voxels a full round's crop may move off its object")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fit_own_labels.json")
     return p.parse_args(argv)
 
@@ -63,9 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class OwnLabels:
     """A round's ``stop_when``: every ``every`` steps, Dice of the simulated annotator on the round's own labels."""
 
-    def __init__(self, mode: str, network: VISTA3D, cases: list, labels: LabelDictionary, every: int, steps: int):
+    def __init__(
+        self, mode: str, network: VISTA3D, cases: list, labels: LabelDictionary, every: int, steps: int,
+        report: Callable[[], None],
+    ):  # fmt: skip
         self.mode, self.network, self.cases, self.labels = mode, network, cases, labels
-        self.every, self.steps = every, steps
+        self.every, self.steps, self.report = every, steps, report
         self.curve: list[dict[str, float]] = []
         self.start = time.perf_counter()
 
@@ -78,6 +86,7 @@ class OwnLabels:
         self.network.train(was)
         self.curve.append({"step": step, "seconds": round(time.perf_counter() - self.start, 1), **dice})
         logger.info("%s step %d: %s", self.mode, step, self.curve[-1])
+        self.report()  # a run cut by its machine's time keeps what it scored
         return False
 
 
@@ -86,27 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     labels = load_label_dictionary()
-    served = load_model(PRESET, str(args.weights), Path("/nonexistent"), torch.device("cpu")).network
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    served = load_model(PRESET, str(args.weights), Path("/nonexistent"), device).network
     names = args.cases.split(",")
     volumes = [sarcoma_volume(DATA / "sts", n, labels) for n in names]
     cases = [(v.name, v.image, v.label[0].numpy() == SARCOMA_ID) for v in volumes]
-    req = TrainRequest(steps=args.steps, lr=args.lr, rounds=args.rounds, crop=64)
-    result: dict[str, Any] = {"machine": cpu_isa(), "cases": names, "request": req.as_dict(), "modes": {}}
+    req = TrainRequest(steps=args.steps, lr=args.lr, rounds=args.rounds, crop=64, max_minutes=args.max_minutes)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_isa()
+    result: dict[str, Any] = {
+        "machine": machine, "cases": names, "request": req.as_dict(), "shift": args.shift, "modes": {},
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def report() -> None:
+        write_json(args.out, result)
 
     for mode in args.modes.split(","):
         network = copy.deepcopy(served)
-        score = OwnLabels(mode, network, cases, labels, args.every, args.steps)
+        score = OwnLabels(mode, network, cases, labels, args.every, args.steps, report)
+        result["modes"][mode] = score.curve
         score(0)
         weights = [1.0] * len(volumes)
         if mode == "full":
-            train_point(network, volumes, weights, req, labels.special, stop_when=score)
+            train_point(network, volumes, weights, req, labels.special, stop_when=score, shift=args.shift)
         elif mode == "head":
             train_point_head(network, volumes, weights, req, labels.special, stop_when=score)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
-        result["modes"][mode] = score.curve
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    report()
     print(json.dumps(result))
     return 0
 

@@ -4,20 +4,20 @@
 #   1. installs the carried wheels, records the machine (nvidia-smi, torch);
 #   2. runs bench/gpu_check.py: the serving path on CUDA (the precisions chosen at start, windows,
 #      clicks and autos against the CPU, memory peaks), hard-capped at CHECK_S seconds;
-#   3. trains the `small` starter on the GPU in two arms side by side until the budget's end:
-#      `scratch` (seeded random start) and `continued` (from the shipped starter), both with crops
-#      moved up to 16 voxels off their object (VolumeSampler's shift), then each one's automatic branch;
+#   3. trains the `small` starter further on the GPU in two arms, beside four probes of whether a
+#      point round fits its own labels, until the budget's end (see below);
 #   4. leaves in $OUT: each arm's weights (its point checkpoint's network if its run was cut), the
-#      scratch arm's checkpoint in bfloat16 split into 15 MiB parts (join with `cat`, resume with
-#      --checkpoint), gpu_check.json and logs.tgz (logs, reports, machine).
-# The held-out figures are taken back home: `tools/train_starter.py --evaluate OUT/scratch.pt`.
+#      `resumed` arm's checkpoint in bfloat16 split into 15 MiB parts (join with `cat`, resume with
+#      --checkpoint), gpu_check.json and logs.tgz (logs, reports, the probes' JSON, machine).
+# The held-out figures are taken back home: `tools/train_starter.py --evaluate OUT/resumed.pt`.
 set -uo pipefail
 BUDGET=${BUDGET:-550}
-CHECK_S=${CHECK_S:-200}
+CHECK_S=${CHECK_S:-0}    # the serving path was checked on 2026-12-04 (docs/gpu.md); 200 runs it again
 OUT=${OUT:-artifacts/gpu_session}
 RUN=${RUN:-/tmp/gpu_run}
 PY=${PY:-python3}          # the image's python3 holds torch
 DEVICE=${DEVICE:-cuda}    # cpu for a dry run here
+PY=$(command -v "$PY"); [ "${PY#/}" != "$PY" ] || PY=$PWD/$PY  # absolute: the probes run from bench/
 T0=$SECONDS
 mkdir -p "$OUT" "$RUN"
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -33,20 +33,40 @@ if [ "$CHECK_S" -gt 0 ]; then  # CHECK_S=0: training only
   echo "gpu_check rc $?"; grep "gpu_check:" "$RUN/gpu_check.log" | cut -c1-400
 fi
 
-# The point phase ends 100 s before the budget: the automatic branch, saving and packing follow.
+# Two kinds of job share the machine until the budget's end (the step is bound by the CPU's click
+# simulation, so each gets its own cores and the GPU runs them all):
+#   starter arms, further from the shipped starter at lr 5e-4 with crops moved up to 16 voxels off
+#   their object: `resumed` (3 clicks a session, as the starter trained) and `rounds5` (5 clicks, more
+#   corrections, negative ones above all); the point phase ends 100 s before the budget, the
+#   automatic branch, saving and packing follow;
+#   fitting probes (bench/fit_own_labels.py): does a round fit its own five labels (STS_006..010)
+#   given hundreds of steps, scored through the served click path every 100 steps.
 MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 100) / 60), 2))")
-echo "== training two arms for ${MINUTES} min each at $((SECONDS - T0)) s"
-COMMON=(--data "$VISTA3D_DATA" --device "$DEVICE" --steps 8000 --rounds 3 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 6 --no-figures)
-"$PY" tools/train_starter.py "${COMMON[@]}" --lr 1e-3 --checkpoint "$RUN/scratch.ckpt" --out "$RUN/scratch.pt" > "$RUN/scratch.log" 2>&1 &
-A=$!
-"$PY" tools/train_starter.py "${COMMON[@]}" --lr 5e-4 --init apps/vista3d/weights/small_starter.pt --checkpoint "$RUN/continued.ckpt" --out "$RUN/continued.pt" > "$RUN/continued.log" 2>&1 &
-B=$!
-while kill -0 $A 2>/dev/null || kill -0 $B 2>/dev/null; do
-  if [ "$(left)" -lt 25 ]; then echo "budget: stopping the arms"; kill -INT $A $B 2>/dev/null; sleep 5; kill -9 $A $B 2>/dev/null; break; fi
+FIT_MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 60) / 60), 2))")
+echo "== two starter arms for ${MINUTES} min, four fitting probes for ${FIT_MINUTES} min, at $((SECONDS - T0)) s"
+COMMON=(--data "$VISTA3D_DATA" --device "$DEVICE" --steps 8000 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 3 --no-figures --lr 5e-4 --init apps/vista3d/weights/small_starter.pt)
+PIDS=()
+"$PY" tools/train_starter.py "${COMMON[@]}" --rounds 3 --checkpoint "$RUN/resumed.ckpt" --out "$RUN/resumed.pt" > "$RUN/resumed.log" 2>&1 &
+PIDS+=($!)
+"$PY" tools/train_starter.py "${COMMON[@]}" --rounds 5 --checkpoint "$RUN/rounds5.ckpt" --out "$RUN/rounds5.pt" > "$RUN/rounds5.log" 2>&1 &
+PIDS+=($!)
+fit() {  # name, then fit_own_labels' arguments
+  local name=$1; shift
+  (cd bench && "$PY" fit_own_labels.py --device "$DEVICE" --threads 2 --steps "${FIT_STEPS:-1500}" --every 100 --max-minutes "$FIT_MINUTES" --out "$RUN/fit_$name.json" "$@") > "$RUN/fit_$name.log" 2>&1 &
+  PIDS+=($!)
+}
+fit full_1e-4 --modes full --lr 1e-4
+fit full_1e-4_shift16 --modes full --lr 1e-4 --shift 16
+fit full_3e-5_shift16 --modes full --lr 3e-5 --shift 16
+fit head_1e-4 --modes head --lr 1e-4
+running() { for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while running; do
+  if [ "$(left)" -lt 25 ]; then echo "budget: stopping the jobs"; kill -INT "${PIDS[@]}" 2>/dev/null; sleep 5; kill -9 "${PIDS[@]}" 2>/dev/null; break; fi
   sleep 2
 done
 wait
-for arm in scratch continued; do grep -E "step [0-9]+/|Encoded|time limit" "$RUN/$arm.log" | tail -3; done
+for arm in resumed rounds5; do grep -E "step [0-9]+/|Encoded|time limit" "$RUN/$arm.log" | tail -3; done
+for f in "$RUN"/fit_*.log; do echo "$f"; grep -E "fit_own_labels INFO" "$f" | tail -2 | cut -c1-300; done
 
 echo "== packing at $((SECONDS - T0)) s"
 "$PY" - "$RUN" "$OUT" <<'PY'
@@ -55,7 +75,7 @@ from pathlib import Path
 sys.path.insert(0, "apps/vista3d")
 from lib.model import build_network, save_state
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-for arm in ("scratch", "continued"):
+for arm in ("resumed", "rounds5"):
     final, ckpt = run / f"{arm}.pt", run / f"{arm}.ckpt"
     if final.is_file():
         shutil.copy(final, out / final.name)
@@ -63,7 +83,7 @@ for arm in ("scratch", "continued"):
         network = build_network("small")
         network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["trainer"]["network"])
         save_state(network, out / f"{arm}_point.pt")
-ckpt = run / "scratch.ckpt"
+ckpt = run / "resumed.ckpt"
 if ckpt.is_file():
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     def bf16(x):
@@ -72,8 +92,8 @@ if ckpt.is_file():
         if isinstance(x, list): return [bf16(v) for v in x]
         return x
     state["trainer"] = bf16(state["trainer"])
-    torch.save(state, run / "scratch.ckpt.bf16")
+    torch.save(state, run / "resumed.ckpt.bf16")
 PY
-[ -f "$RUN/scratch.ckpt.bf16" ] && split -b 15M -d "$RUN/scratch.ckpt.bf16" "$OUT/scratch.ckpt.bf16.part"
+[ -f "$RUN/resumed.ckpt.bf16" ] && split -b 15M -d "$RUN/resumed.ckpt.bf16" "$OUT/resumed.ckpt.bf16.part"
 tar -czf "$OUT/logs.tgz" -C "$RUN" $(cd "$RUN" && ls *.log *.txt *.json 2>/dev/null)
 ls -la "$OUT"; echo "done at $((SECONDS - T0)) s"

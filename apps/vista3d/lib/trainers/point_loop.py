@@ -45,17 +45,19 @@ def train_point(
     world: int = 1,
     stop_when: Callable[[int], bool] | None = None,
     grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    shift: int = 0,
 ) -> TrainStats:
     """The point branch's training loop, shared by single- and multi-process runs and the benchmarks.
 
     ``grad_sync`` averages gradients over the ranks; by default the process group's all-reduce when
-    ``world > 1`` (a test passes an in-process one to check the arithmetic).
+    ``world > 1`` (a test passes an in-process one to check the arithmetic). ``shift``: voxels a crop
+    may move off its object (see :class:`.data.VolumeSampler`; the starter trains with 16).
     """
     seed_everything(req.seed + rank)
     config = PointTrainConfig(rounds=req.rounds, special=special, train_encoder=req.train_encoder)
     sync = grad_sync or (average_gradients if world > 1 else None)
     trainer = PointTrainer(network, config, lr=req.lr, seed=req.seed + rank, grad_sync=sync)
-    sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed + rank, weights, FINETUNE_SUPERVOXELS)
+    sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed + rank, weights, FINETUNE_SUPERVOXELS, shift=shift)
     max_s = 60 * req.max_minutes if req.max_minutes and world == 1 else None
     warmup = max(1, req.steps // 10)
     desc = f"point[rank {rank}]"

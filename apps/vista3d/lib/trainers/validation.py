@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from monai.networks.nets.vista3d import VISTA3D
@@ -21,7 +21,9 @@ from ..model import patch_size_for
 from ..prompts import AutoPrompt
 from ..sessions import ImageState
 from ..simulate import clicks_to_dice, dice, scoring_engine
-from .labelled import FinalLabel
+
+if TYPE_CHECKING:  # a type only: the benchmarks and the GPU session import this without MONAI Label
+    from .labelled import FinalLabel
 
 __all__ = [
     "MAX_OBJECTS_PER_IMAGE",
