@@ -36,7 +36,7 @@ from lib.inference.hardware import cpu_isa
 from lib.labels import LabelDictionary, load_label_dictionary
 from lib.model import STARTER_WEIGHTS, load_model
 from lib.simulate import evaluate_clicks, mean_at, scoring_engine
-from lib.trainers.corpus import SARCOMA_CURVE, sarcoma_volume
+from lib.trainers.corpus import SARCOMA_CURVE, sarcoma_click_cases, sarcoma_volume
 from lib.trainers.data import SARCOMA_ID
 from lib.trainers.point_cached import train_point_head
 from lib.trainers.point_loop import train_point
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the scoring runs there too)")
     p.add_argument("--max-minutes", type=float, help="end each mode's round after this long")
     p.add_argument("--shift", type=int, default=0, help="voxels a full round's crop may move off its object")
+    p.add_argument("--holdout", default="", help="cases nothing trains on, scored beside the own labels (e.g. STS_026,...)")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fit_own_labels.json")
     return p.parse_args(argv)
 
@@ -70,19 +71,23 @@ class OwnLabels:
 
     def __init__(
         self, mode: str, network: VISTA3D, cases: list, labels: LabelDictionary, every: int, steps: int,
-        report: Callable[[], None],
+        report: Callable[[], None], holdout: list | None = None,
     ):  # fmt: skip
         self.mode, self.network, self.cases, self.labels = mode, network, cases, labels
+        self.holdout = holdout or []
         self.every, self.steps, self.report = every, steps, report
         self.curve: list[dict[str, float]] = []
         self.start = time.perf_counter()
 
-    def __call__(self, step: int) -> bool:
-        if step % self.every and step != self.steps:
+    def __call__(self, step: int, force: bool = False) -> bool:
+        if step % self.every and step != self.steps and not force:
             return False
         was = self.network.training
         engine = scoring_engine(self.network, PRESET, self.labels)  # float32: the figures compare weights
         dice = mean_at(evaluate_clicks(engine, self.cases, SARCOMA_ID, max(CLICKS)), CLICKS)
+        if self.holdout:  # does fitting the own labels carry over to cases nothing trained on?
+            unseen = mean_at(evaluate_clicks(engine, self.holdout, SARCOMA_ID, max(CLICKS)), CLICKS)
+            dice.update({f"heldout_{k}": v for k, v in unseen.items()})
         self.network.train(was)
         self.curve.append({"step": step, "seconds": round(time.perf_counter() - self.start, 1), **dice})
         logger.info("%s step %d: %s", self.mode, step, self.curve[-1])
@@ -102,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.cases.split(",")
     volumes = [sarcoma_volume(DATA / "sts", n, labels) for n in names]
     cases = [(v.name, v.image, v.label[0].numpy() == SARCOMA_ID) for v in volumes]
+    holdout = sarcoma_click_cases(DATA / "sts", labels, args.holdout.split(",")) if args.holdout else []
     req = TrainRequest(steps=args.steps, lr=args.lr, rounds=args.rounds, crop=64, max_minutes=args.max_minutes)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_isa()
     result: dict[str, Any] = {
-        "machine": machine, "cases": names, "request": req.as_dict(), "shift": args.shift, "modes": {},
+        "machine": machine, "cases": names, "holdout": args.holdout, "request": req.as_dict(), "shift": args.shift,
+        "modes": {},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -114,16 +121,18 @@ def main(argv: list[str] | None = None) -> int:
 
     for mode in args.modes.split(","):
         network = copy.deepcopy(served)
-        score = OwnLabels(mode, network, cases, labels, args.every, args.steps, report)
+        score = OwnLabels(mode, network, cases, labels, args.every, args.steps, report, holdout)
         result["modes"][mode] = score.curve
         score(0)
         weights = [1.0] * len(volumes)
         if mode == "full":
-            train_point(network, volumes, weights, req, labels.special, stop_when=score, shift=args.shift)
+            stats = train_point(network, volumes, weights, req, labels.special, stop_when=score, shift=args.shift)
         elif mode == "head":
-            train_point_head(network, volumes, weights, req, labels.special, stop_when=score)
+            stats = train_point_head(network, volumes, weights, req, labels.special, stop_when=score)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
+        if score.curve[-1]["step"] != stats.steps:  # stopped by --max-minutes between two scorings
+            score(stats.steps, force=True)
     report()
     print(json.dumps(result))
     return 0

@@ -14,8 +14,10 @@ mkdir -p .gpu/wheels .gpu/data/sts .gpu/data/totalseg
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels \
   monai==1.6.1 nibabel==5.4.2 pydicom==2.4.4 pynrrd==1.1.3
 # the starter's sarcoma cases (lib.trainers.corpus.SARCOMA_STARTER), the first five labels of the
-# learning curve (bench/fit_own_labels.py's default round) and the GPU check's STS_021
-for case in STS_001 STS_002 STS_003 STS_004 STS_005 STS_006 STS_007 STS_008 STS_009 STS_010 STS_021; do
+# learning curve (bench/fit_own_labels.py's default round) and the GPU check's STS_021; CASES
+# replaces them (e.g. the probes' round and held-out cases alone: the carry holds 64 MiB in all)
+CASES=${CASES:-STS_001 STS_002 STS_003 STS_004 STS_005 STS_006 STS_007 STS_008 STS_009 STS_010 STS_021}
+for case in $CASES; do
   cp "$DATA/sts/${case}_ct.nii.gz" "$DATA/sts/${case}_gtv.nii.gz" .gpu/data/sts/
 done
 cp "$DATA/totalseg/example_ct.nii.gz" "$DATA/totalseg/example_seg_fast_force_split.nii.gz" .gpu/data/totalseg/

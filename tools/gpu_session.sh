@@ -46,26 +46,31 @@ FIT_MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 60) / 60), 2))")
 echo "== two starter arms for ${MINUTES} min, four fitting probes for ${FIT_MINUTES} min, at $((SECONDS - T0)) s"
 COMMON=(--data "$VISTA3D_DATA" --device "$DEVICE" --steps 8000 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 3 --no-figures --lr 5e-4 --init apps/vista3d/weights/small_starter.pt)
 PIDS=()
-"$PY" tools/train_starter.py "${COMMON[@]}" --rounds 3 --checkpoint "$RUN/resumed.ckpt" --out "$RUN/resumed.pt" > "$RUN/resumed.log" 2>&1 &
-PIDS+=($!)
-"$PY" tools/train_starter.py "${COMMON[@]}" --rounds 5 --checkpoint "$RUN/rounds5.ckpt" --out "$RUN/rounds5.pt" > "$RUN/rounds5.log" 2>&1 &
-PIDS+=($!)
-fit() {  # name, then fit_own_labels' arguments
+if [ "${STARTER:-1}" = 1 ]; then  # STARTER=0: the probes alone
+  "$PY" tools/train_starter.py "${COMMON[@]}" --rounds 3 --checkpoint "$RUN/resumed.ckpt" --out "$RUN/resumed.pt" > "$RUN/resumed.log" 2>&1 &
+  PIDS+=($!)
+  "$PY" tools/train_starter.py "${COMMON[@]}" --rounds 5 --checkpoint "$RUN/rounds5.ckpt" --out "$RUN/rounds5.pt" > "$RUN/rounds5.log" 2>&1 &
+  PIDS+=($!)
+fi
+fit() {  # name, then fit_own_labels' arguments (FIT_ARGS are added to every probe's, e.g. --holdout)
   local name=$1; shift
-  (cd bench && "$PY" fit_own_labels.py --device "$DEVICE" --threads 2 --steps "${FIT_STEPS:-1500}" --every 100 --max-minutes "$FIT_MINUTES" --out "$RUN/fit_$name.json" "$@") > "$RUN/fit_$name.log" 2>&1 &
+  # shellcheck disable=SC2086
+  (cd bench && "$PY" fit_own_labels.py --device "$DEVICE" --threads "${FIT_THREADS:-2}" --steps "${FIT_STEPS:-1500}" --every "${FIT_EVERY:-100}" --max-minutes "$FIT_MINUTES" --out "$RUN/fit_$name.json" ${FIT_ARGS:-} "$@") > "$RUN/fit_$name.log" 2>&1 &
   PIDS+=($!)
 }
-fit full_1e-4 --modes full --lr 1e-4
-fit full_1e-4_shift16 --modes full --lr 1e-4 --shift 16
-fit full_3e-5_shift16 --modes full --lr 3e-5 --shift 16
-fit head_1e-4 --modes head --lr 1e-4
+# FITS: probes as "name args;name args" (default: the four of 2026-12-04's second run)
+IFS=';' read -ra SPECS <<< "${FITS:-full_1e-4 --modes full --lr 1e-4;full_1e-4_shift16 --modes full --lr 1e-4 --shift 16;full_3e-5_shift16 --modes full --lr 3e-5 --shift 16;head_1e-4 --modes head --lr 1e-4}"
+for spec in "${SPECS[@]}"; do
+  # shellcheck disable=SC2086
+  fit $spec
+done
 running() { for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 while running; do
   if [ "$(left)" -lt 25 ]; then echo "budget: stopping the jobs"; kill -INT "${PIDS[@]}" 2>/dev/null; sleep 5; kill -9 "${PIDS[@]}" 2>/dev/null; break; fi
   sleep 2
 done
 wait
-for arm in resumed rounds5; do grep -E "step [0-9]+/|Encoded|time limit" "$RUN/$arm.log" | tail -3; done
+for arm in resumed rounds5; do [ -f "$RUN/$arm.log" ] && grep -E "step [0-9]+/|Encoded|time limit" "$RUN/$arm.log" | tail -3; done
 for f in "$RUN"/fit_*.log; do echo "$f"; grep -E "fit_own_labels INFO" "$f" | tail -2 | cut -c1-300; done
 
 echo "== packing at $((SECONDS - T0)) s"

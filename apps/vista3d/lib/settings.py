@@ -192,9 +192,9 @@ class Settings:
     train_trigger: int = 5
     train_debounce_s: float = 30.0
     train_threads: int = field(default_factory=lambda: max(1, available_cores() // 2))
-    train_steps: int = 200
+    train_steps: int = 300
     promote_tolerance: float = 0.01
-    train_lr: float = 1e-3
+    train_lr: float = 1e-4
     train_patience: int = 3
     train_holdback: int = 1
     train_clicks: int = 5

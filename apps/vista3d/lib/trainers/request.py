@@ -39,8 +39,8 @@ class TrainRequest:
             its training and the gate judges the candidate on (with validation); the next round trains on them.
     """
 
-    steps: int = 200
-    lr: float = 1e-3
+    steps: int = 300
+    lr: float = 1e-4
     crop: int = 64
     rounds: int = 3
     train_encoder: bool = True
