@@ -23,8 +23,8 @@ import copy
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the scoring runs there too)")
     p.add_argument("--max-minutes", type=float, help="end each mode's round after this long")
     p.add_argument("--shift", type=int, default=0, help="voxels a full round's crop may move off its object")
-    p.add_argument("--holdout", default="", help="cases nothing trains on, scored beside the own labels (e.g. STS_026,...)")
+    p.add_argument("--holdout", default="", help="cases nothing trains on, scored beside the own labels")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fit_own_labels.json")
     return p.parse_args(argv)
 
