@@ -52,6 +52,7 @@ from lib.settings import Settings
 from lib.simulate import evaluate_clicks, mean_at, organ_auto_dice, scoring_engine
 from lib.trainers.corpus import ABDOMEN, SARCOMA_CURVE, SARCOMA_HELDOUT, abdomen_volume, sarcoma_click_cases
 from lib.trainers.data import SARCOMA_ID, CachedVolume
+from lib.trainers.request import TrainRequest
 from lib.trainers.tasks import PointTrainTask, Trained
 
 logger = logging.getLogger("learning_curve")
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimiser steps per round at most (default: the server's)")
     p.add_argument("--lr", type=float, help="base learning rate (default: the server's)")
     p.add_argument("--tolerance", type=float, help="the promotion gate's tolerance (default: the server's)")
+    p.add_argument("--patience", type=int, help="early-stop checks without a better score (default: the server's)")
+    p.add_argument("--check-every", type=int, help="steps between early-stop checks (default: the server's)")
     p.add_argument("--cached", action="store_true", help="rounds on the served click path (encoder frozen)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -130,6 +133,8 @@ def run_round(task: RecordingTask, ds: SafeLocalDatastore, n: int, args: argpars
     request: dict[str, Any] = {"seed": args.seed + n}
     if args.lr is not None:
         request["lr"] = args.lr
+    if args.check_every is not None:
+        request["check_every"] = args.check_every
     if args.cached:
         request["cached"] = True
     result = task(request, ds)
@@ -193,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         os.symlink((train_dir / f"{case}_ct.nii.gz").resolve(), studies / f"{case}.nii.gz")
     ds = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     conf = {"weights": str(args.weights), "train_threads": str(args.threads)}
-    for key, value in (("train_steps", args.steps), ("promote_tolerance", args.tolerance)):
+    for key, value in (
+        ("train_steps", args.steps), ("promote_tolerance", args.tolerance), ("train_patience", args.patience)
+    ):  # fmt: skip
         if value is not None:
             conf[key] = str(value)
     settings = Settings.from_conf(conf)
@@ -235,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr or settings.train_lr,
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
+            "check_every": args.check_every or TrainRequest.check_every,
             "round": "cached (served click path, encoder frozen)" if args.cached else "full (encoder + point head)",
         },  # fmt: skip
         "weights": str(args.weights),
