@@ -52,7 +52,7 @@ class TrainRequest:
     world_size: int = 1
     max_minutes: float | None = None
     lr_half_life: int = 5
-    check_every: int = 50
+    check_every: int = 25
     patience: int = 3
     holdback: int = 1
 
