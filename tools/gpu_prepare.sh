@@ -2,8 +2,9 @@
 # Fill .gpu/ (git-ignored) with what a GPU machine of this workplace lacks, for tools/gpu_session.sh:
 # wheels of the pure-Python packages the checks and the starter's training import (its image has
 # torch, NumPy, SciPy, scikit-image and filelock, but not MONAI, nibabel or pydicom), and the subset
-# of ../shared/data they read: the starter's training cases, the GPU check's cases, the fitting probe's round. The held-out
-# cases stay here: their figures are taken back on this machine. About 45 MB.
+# of ../shared/data they read: the starter's training cases, the GPU check's cases, the fitting
+# probes' round. The held-out cases stay here unless CASES names them: their figures are taken back
+# on this machine. About 41 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}

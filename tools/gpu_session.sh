@@ -4,8 +4,8 @@
 #   1. installs the carried wheels, records the machine (nvidia-smi, torch);
 #   2. runs bench/gpu_check.py: the serving path on CUDA (the precisions chosen at start, windows,
 #      clicks and autos against the CPU, memory peaks), hard-capped at CHECK_S seconds;
-#   3. trains the `small` starter further on the GPU in two arms, beside four probes of whether a
-#      point round fits its own labels, until the budget's end (see below);
+#   3. trains the `small` starter further on the GPU in two arms (STARTER=0: none), beside probes of
+#      whether a point round fits its own labels (FITS), until the budget's end (see below);
 #   4. leaves in $OUT: each arm's weights (its point checkpoint's network if its run was cut), the
 #      `resumed` arm's checkpoint in bfloat16 split into 15 MiB parts (join with `cat`, resume with
 #      --checkpoint), gpu_check.json and logs.tgz (logs, reports, the probes' JSON, machine).
@@ -43,7 +43,6 @@ fi
 #   given hundreds of steps, scored through the served click path every 100 steps.
 MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 100) / 60), 2))")
 FIT_MINUTES=$("$PY" -c "print(round(max(0.2, ($(left) - 60) / 60), 2))")
-echo "== two starter arms for ${MINUTES} min, four fitting probes for ${FIT_MINUTES} min, at $((SECONDS - T0)) s"
 COMMON=(--data "$VISTA3D_DATA" --device "$DEVICE" --steps 8000 --shift 16 --max-minutes "$MINUTES" --auto-steps "${AUTO_STEPS:-1500}" --auto-crops "${AUTO_CROPS:-48}" --threads 3 --no-figures --lr 5e-4 --init apps/vista3d/weights/small_starter.pt)
 PIDS=()
 if [ "${STARTER:-1}" = 1 ]; then  # STARTER=0: the probes alone
@@ -64,6 +63,7 @@ for spec in "${SPECS[@]}"; do
   # shellcheck disable=SC2086
   fit $spec
 done
+echo "== $(( ${#PIDS[@]} - ${#SPECS[@]} )) starter arms for ${MINUTES} min, ${#SPECS[@]} fitting probes for ${FIT_MINUTES} min, at $((SECONDS - T0)) s"
 running() { for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 while running; do
   if [ "$(left)" -lt 25 ]; then echo "budget: stopping the jobs"; kill -INT "${PIDS[@]}" 2>/dev/null; sleep 5; kill -9 "${PIDS[@]}" 2>/dev/null; break; fi
