@@ -20,6 +20,7 @@ from monai.networks.nets.vista3d import VISTA3D, ClassMappingClassify, PointMapp
 
 from .atomic import replace_with
 from .labels import official_checkpoint
+from .norm_grads import guard_instance_norms
 
 __all__ = ["LoadedModel", "build_network", "load_model", "patch_size_for", "save_state"]
 
@@ -32,7 +33,12 @@ STARTER_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "small_start
 
 
 def build_network(preset: str) -> VISTA3D:
-    """A freshly initialised network of the given preset."""
+    """A freshly initialised network of the given preset, its instance norms' CPU gradients guarded
+    (see :mod:`.norm_grads`: without it, CPU training follows wrong gradients)."""
+    return guard_instance_norms(_unguarded_network(preset))
+
+
+def _unguarded_network(preset: str) -> VISTA3D:
     if preset == "vista3d":
         return vista3d132()
     if preset == "small":
