@@ -20,7 +20,7 @@ corrected, the 10 ``SARCOMA_HELDOUT`` held out); ``--train DIR`` and ``--holdout
 folders of ``<case>_ct.nii.gz`` + ``<case>_gtv.nii.gz`` pairs (any label voxel above 0 is the
 object; corrected in name order), e.g. 30 labels: ``--train DIR --measure-at 0,10,20,30``.
 
-    .venv/bin/python bench/learning_curve.py [--cached]
+    .venv/bin/python bench/learning_curve.py [--cached | --frozen-encoder]
     .venv/bin/python bench/learning_curve.py --train my/train --holdout my/holdout --measure-at 0,10,20,30
 
 Prints one JSON line; writes ``learning_curve.json`` and ``learning_curve.png`` to ``--out``.
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, help="early-stop checks without a better score (default: the server's)")
     p.add_argument("--check-every", type=int, help="steps between early-stop checks (default: the server's)")
     p.add_argument("--cached", action="store_true", help="rounds on the served click path (encoder frozen)")
+    p.add_argument(
+        "--frozen-encoder", action="store_true", help="rounds with train_encoder=false (point decoder and head only)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-forgetting", action="store_true", help="skip the organs' auto Dice (saves ~2 min)")
@@ -137,6 +140,8 @@ def run_round(task: RecordingTask, ds: SafeLocalDatastore, n: int, args: argpars
         request["check_every"] = args.check_every
     if args.cached:
         request["cached"] = True
+    if args.frozen_encoder:
+        request["train_encoder"] = False
     result = task(request, ds)
     candidate = heldout_scores(task.candidate, holdout, task.labels) if task.candidate is not None else served
     promoted = result["promoted"] is not None
@@ -181,6 +186,14 @@ def organ_dice(model: LoadedModel, labels: LabelDictionary, abdomen: CachedVolum
 
 def _mean(scores: dict[str, float] | None) -> float | None:
     return round(float(np.mean(list(scores.values()))), 4) if scores else None
+
+
+def round_kind(args: argparse.Namespace) -> str:
+    if args.cached:
+        return "cached (served click path, encoder frozen)"
+    if args.frozen_encoder:
+        return "point branch (point decoder + point head on crops, shared encoder frozen)"
+    return "full (encoder + point head)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
             "check_every": args.check_every or TrainRequest.check_every,
-            "round": "cached (served click path, encoder frozen)" if args.cached else "full (encoder + point head)",
+            "round": round_kind(args),
         },  # fmt: skip
         "weights": str(args.weights),
         "rounds": rounds,

@@ -55,12 +55,16 @@ def test_point_steps_train_point_branch_only(sarcoma_crop) -> None:  # type: ign
     assert not _changed(auto_decoder_before, network.image_encoder.up_layers_auto), "automatic decoder changed"
 
 
-def test_frozen_encoder_stays_put(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
+def test_frozen_encoder_stays_put_and_the_point_decoder_learns(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]
+    """``train_encoder=false`` is MONAI's ``set_auto_grad(auto_freeze=True)``: what the automatic branch reads stays."""
     network = build_network("small")
     trainer = PointTrainer(network, PointTrainConfig(rounds=1, train_encoder=False), lr=1e-3)
-    before = _snapshot(network.image_encoder)
+    shared, point_decoder = _snapshot(network.image_encoder.encoder), _snapshot(network.image_encoder.up_layers)
+    auto_decoder = _snapshot(network.image_encoder.up_layers_auto)
     assert trainer.step(sarcoma_crop) is not None
-    assert not _changed(before, network.image_encoder)
+    assert not _changed(shared, network.image_encoder.encoder), "shared encoder levels changed"
+    assert not _changed(auto_decoder, network.image_encoder.up_layers_auto), "automatic decoder changed"
+    assert _changed(point_decoder, network.image_encoder.up_layers), "point decoder did not learn"
 
 
 def test_auto_step_trains_the_automatic_branch_only(sarcoma_crop) -> None:  # type: ignore[no-untyped-def]

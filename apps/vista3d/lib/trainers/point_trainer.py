@@ -18,8 +18,9 @@ rounds), and clicks are derived from detached predictions, so a round costs one 
 forward/backward only.
 
 The automatic branch (its decoder and the class head) is frozen: this trainer only teaches the point
-branch. The encoder trains too unless ``train_encoder`` is off (then the automatic branch cannot
-change at all).
+branch, i.e. the point decoder (``image_encoder.up_layers``) and the point head. The shared encoder
+levels train too unless ``train_encoder`` is off, which is MONAI's
+``set_auto_grad(auto_freeze=True)``: then nothing the automatic branch reads can change.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class PointTrainConfig:
             (what an annotator clicks) rather than a random voxel of it.
         special: class ids whose clicks use labels 2/3.
         grad_clip: max gradient norm (from scratch, early steps can spike).
-        train_encoder: whether the shared image encoder learns as well (off: only the point head).
+        train_encoder: whether the shared encoder levels learn as well (off: the point decoder and head only).
         ce_weight: weight of the cross-entropy term beside Dice; from scratch a full-weight CE term
             pulls every voxel to background before the clicks mean anything.
     """
@@ -96,10 +97,11 @@ class Prompts:
 
 
 def freeze_for_point_training(network: VISTA3D, train_encoder: bool) -> list[torch.nn.Parameter]:
-    """Freeze the automatic branch (and the encoder unless trained); return the parameters left to train."""
+    """Freeze the automatic branch (and the shared encoder levels unless trained); return what is left to train."""
     for p in network.parameters():
         p.requires_grad_(True)
-    frozen = auto_branch(network) if train_encoder else [*auto_branch(network), network.image_encoder]
+    shared = cast(torch.nn.Module, network.image_encoder.encoder)
+    frozen = auto_branch(network) if train_encoder else [*auto_branch(network), shared]
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
@@ -267,8 +269,7 @@ class PointTrainer(ResumableTrainer):
             return None
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.set_grad_enabled(self.config.train_encoder):
-            feats, _ = self.network.image_encoder(image, with_point=True, with_label=False)
+        feats, _ = self.network.image_encoder(image, with_point=True, with_label=False)  # frozen levels: no graph
         loss = self.session_loss(feats, prompts, self.targets(label, prompts))
         loss.backward()
         if self.grad_sync is not None:

@@ -21,7 +21,8 @@ class TrainRequest:
         crop: edge of the cubic training crops: by default the preset's inference window, which the
             point head's positional encoding is normalised by (see ``lib.model.patch_size_for``).
         rounds: click-simulation rounds per point step.
-        train_encoder: whether the point trainer also updates the shared encoder.
+        train_encoder: whether the point trainer also updates the shared encoder levels (false: the point
+            decoder and head only, so the automatic branch cannot change).
         cached: a point round trains the point head alone on click sessions played on the served
             path, the encoder frozen and its windows computed once (:mod:`.point_cached`); the
             automatic branch cannot change. One process only.

@@ -264,7 +264,7 @@ def _figures(scores: dict[str, Any]) -> dict[str, Any]:
 
 
 class PointTrainTask(FineTuneTask):
-    """Fine-tunes the point branch (and the encoder unless ``train_encoder`` is false)."""
+    """Fine-tunes the point branch (and the shared encoder levels unless ``train_encoder`` is false)."""
 
     kind = "point"
 
