@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="full,head")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=20, help="steps between scorings of the round's own labels")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=TrainRequest.lr, help="base learning rate (default: the server's)")
     p.add_argument("--rounds", type=int, default=3, help="clicks per training session")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the scoring runs there too)")

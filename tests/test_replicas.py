@@ -149,7 +149,26 @@ def farm(
         servers = _enter_all(stack, managers)
         ports = [int(s.url.rsplit(":", 1)[1]) for s in servers]
         url = stack.enter_context(running_haproxy(logs / "haproxy", "127.0.0.1", free_port(), ports))
+        wait_until_both_pass_checks(logs)
         yield Farm(url, {"1": servers[0], "2": servers[1]}, logs / "haproxy", image)
+
+
+def wait_until_both_pass_checks(logs: Path, timeout_s: float = 30.0) -> None:
+    """Both replicas UP with a passed health check; else fail with what HAProxy and each replica logged.
+
+    HAProxy starts its servers UP before any check has run; a replica that then fails its checks
+    would leave every user on the other one, and the tests below would fail without saying why.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = server_states(logs / "haproxy")
+        if all(status == "UP" and check == "L7OK" for status, check in states.values()):
+            return
+        time.sleep(0.2)
+    tails = {
+        p.name: p.read_text(errors="replace")[-1500:] for p in (logs / "haproxy" / "haproxy.log", *logs.glob("r*.log"))
+    }
+    pytest.fail(f"replicas not both UP after {timeout_s:.0f} s: {states}; logs: {tails}", pytrace=False)
 
 
 def sign_in(farm: Farm, name: str) -> dict[str, str]:
