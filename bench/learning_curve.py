@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, help="the promotion gate's tolerance (default: the server's)")
     p.add_argument("--patience", type=int, help="early-stop checks without a better score (default: the server's)")
     p.add_argument("--check-every", type=int, help="steps between early-stop checks (default: the server's)")
-    p.add_argument("--cached", action="store_true", help="rounds on the served click path (encoder frozen)")
-    p.add_argument(
+    kind = p.add_mutually_exclusive_group()  # a cached round trains the head alone whatever train_encoder says
+    kind.add_argument("--cached", action="store_true", help="rounds on the served click path (encoder frozen)")
+    kind.add_argument(
         "--frozen-encoder", action="store_true", help="rounds with train_encoder=false (point decoder and head only)"
     )
     p.add_argument("--threads", type=int, default=2)
