@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=20, help="steps between scorings of the round's own labels")
     p.add_argument("--lr", type=float, default=TrainRequest.lr, help="base learning rate (default: the server's)")
     p.add_argument("--rounds", type=int, default=3, help="clicks per training session")
+    p.add_argument(
+        "--click-weight", type=float, default=TrainRequest.click_weight, help="correction-region loss weight (0: off)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the scoring runs there too)")
     p.add_argument("--max-minutes", type=float, help="end each mode's round after this long")
@@ -108,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     volumes = [sarcoma_volume(DATA / "sts", n, labels) for n in names]
     cases = [(v.name, v.image, v.label[0].numpy() == SARCOMA_ID) for v in volumes]
     holdout = sarcoma_click_cases(DATA / "sts", labels, args.holdout.split(",")) if args.holdout else []
-    req = TrainRequest(steps=args.steps, lr=args.lr, rounds=args.rounds, crop=64, max_minutes=args.max_minutes)
+    req = TrainRequest(
+        steps=args.steps,
+        lr=args.lr,
+        rounds=args.rounds,
+        crop=64,
+        max_minutes=args.max_minutes,
+        click_weight=args.click_weight,
+    )
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_isa()
     result: dict[str, Any] = {
         "machine": machine, "cases": names, "holdout": args.holdout, "request": req.as_dict(), "shift": args.shift,

@@ -33,6 +33,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,9 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="label counts at which the holdout is measured; the largest is how many cases are corrected",
     )
     p.add_argument("--steps", type=int, help="optimiser steps per round at most (default: the server's)")
+    p.add_argument(
+        "--steps-per-label", type=int, help="steps per training label at most (default: the server's; 0: no cap)"
+    )
     p.add_argument("--lr", type=float, help="base learning rate (default: the server's)")
     p.add_argument("--tolerance", type=float, help="the promotion gate's tolerance (default: the server's)")
     p.add_argument("--patience", type=int, help="early-stop checks without a better score (default: the server's)")
+    p.add_argument(
+        "--click-weight", type=float, help="weight of the correction-region loss (default: the server's; 0: off)"
+    )
     p.add_argument("--check-every", type=int, help="steps between early-stop checks (default: the server's)")
     kind = p.add_mutually_exclusive_group()  # a cached round trains the head alone whatever train_encoder says
     kind.add_argument("--cached", action="store_true", help="rounds on the served click path (encoder frozen)")
@@ -139,6 +146,8 @@ def run_round(task: RecordingTask, ds: SafeLocalDatastore, n: int, args: argpars
         request["lr"] = args.lr
     if args.check_every is not None:
         request["check_every"] = args.check_every
+    if args.click_weight is not None:
+        request["click_weight"] = args.click_weight
     if args.cached:
         request["cached"] = True
     if args.frozen_encoder:
@@ -201,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="learning_curve_"))
+    try:
+        return simulate_loop(args, work)
+    finally:  # the simulated datastore and model store; the last served weights are kept in --out
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def simulate_loop(args: argparse.Namespace, work: Path) -> int:
+    """Corrects the training cases one at a time in a datastore under ``work``, a round every ``--every``."""
     labels = load_label_dictionary()
     measure_at = args.measure_at
     train_dir, train_cases, holdout_dir, holdout_cases = split(args)
-    work = Path(tempfile.mkdtemp(prefix="learning_curve_"))
     holdout = sarcoma_click_cases(holdout_dir, labels, holdout_cases)
     studies = work / "studies"
     studies.mkdir()
@@ -213,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     conf = {"weights": str(args.weights), "train_threads": str(args.threads)}
     for key, value in (
-        ("train_steps", args.steps), ("promote_tolerance", args.tolerance), ("train_patience", args.patience)
+        ("train_steps", args.steps), ("train_steps_per_label", args.steps_per_label),
+        ("promote_tolerance", args.tolerance), ("train_patience", args.patience),
     ):  # fmt: skip
         if value is not None:
             conf[key] = str(value)
@@ -253,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         "every": args.every,
         "settings": {
             "steps": settings.train_steps,
+            "steps_per_label": settings.train_steps_per_label,
             "lr": args.lr or settings.train_lr,
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
             "check_every": args.check_every or TrainRequest.check_every,
+            "click_weight": TrainRequest.click_weight if args.click_weight is None else args.click_weight,
             "round": round_kind(args),
         },  # fmt: skip
         "weights": str(args.weights),
@@ -275,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "learning_curve.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "learning_curve.png")
+    served = store.path_of(store.served())
+    if served is not None:  # e.g. for bench/click_response.py --weights
+        shutil.copy(served, args.out / "served.pt")
     return 0
 
 

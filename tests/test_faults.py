@@ -55,7 +55,7 @@ from .loop_helpers import (
 from .orthanc import TEST_SERIES, require_orthanc, series_uid
 
 ROUND = {"promote_tolerance": "1.0", "train_threads": "1", "train_patience": "0"}
-MANUAL = {**ROUND, "train_trigger": "0", "train_steps": "500"}
+MANUAL = {**ROUND, "train_trigger": "0", "train_steps": "500", "train_steps_per_label": "0"}
 A_CLICK = {"label": "liver", "foreground": [[60, 60, 10]]}  # inside every test series; a known class
 
 

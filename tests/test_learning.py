@@ -97,6 +97,8 @@ def test_replay_gives_new_labels_their_share() -> None:
         ({"train_encoder": "maybe"}, "train_encoder must be a bool"),
         ({"steps": 2.5}, "steps must be a int"),
         ({"holdback": 0}, "holdback must be at least 1"),
+        ({"steps_per_label": -1}, "steps_per_label must be >= 0"),
+        ({"click_weight": -0.5}, "click_weight must be >= 0"),
         ({"cached": True, "world_size": 2}, "cached rounds run in one process"),
     ],
 )
@@ -113,6 +115,17 @@ def test_train_request_defaults_come_from_settings_and_the_window() -> None:
     with pytest.raises(ValueError, match="train_holdback must be at least 1"):
         Settings.from_conf({"train_holdback": "0"})
     assert req.crop == 128, "crops default to the served window (the point head's positional encoding scale)"
+
+
+def test_a_round_on_few_labels_runs_fewer_steps() -> None:
+    """``train_steps_per_label`` caps a round's steps by its training labels; ``train_steps`` caps them all."""
+    settings = Settings.from_conf({"train_steps": "300", "train_steps_per_label": "30"})
+    req = TrainRequest.parse({}, settings, 64)
+    assert [req.round_steps(n) for n in (0, 1, 3, 10, 11, 50)] == [1, 30, 90, 300, 300, 300]
+    uncapped = TrainRequest.parse({"steps_per_label": 0}, settings, 64)
+    assert uncapped.round_steps(3) == 300
+    with pytest.raises(ValueError, match="train_steps_per_label must be"):
+        Settings.from_conf({"train_steps_per_label": "-2"})
 
 
 def test_loop_debounces_a_burst_into_one_training() -> None:

@@ -127,6 +127,7 @@ def test_click_session_edits_and_clicks_as_the_server_and_annotator_do() -> None
     prompts = session.next_clicks(first, frozenset(), np.random.default_rng(0), centre_prob=1.0)
     false_positive = np.zeros((16, 16, 16), bool)
     false_positive[8:14, 2:8, 2:8] = True
+    assert np.array_equal(session.regions[0], false_positive), "the session keeps the region the click corrects"
     assert prompts.labels.tolist() == [[1, 0]], "the largest error is the false positive: a negative click"
     assert prompts.coords[0, 1].tolist() == deepest_voxel(false_positive).tolist()
     logits2 = logits.clone()
@@ -135,3 +136,21 @@ def test_click_session_edits_and_clicks_as_the_server_and_annotator_do() -> None
     session.edit(prompts, logits2)
     expected[8:14] = 0
     assert np.array_equal(session.results[0], expected), "the negative click removed its component only"
+
+
+def test_click_region_loss_is_the_mean_cross_entropy_over_each_clicked_region() -> None:
+    """Each clicked object's region counts the same whatever its size; an object not clicked adds nothing."""
+    from lib.trainers.point_trainer import click_region_loss
+
+    target = torch.zeros(3, 1, 8, 8, 8)
+    target[:, :, :4] = 1.0
+    logits = torch.randn(3, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    regions = torch.zeros(3, 8, 8, 8, dtype=torch.bool)
+    regions[0, :2] = True  # a large missed region
+    regions[1, 5, 5, 5] = True  # a one-voxel false positive
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")[:, 0]
+    expected = (ce[0][regions[0]].mean() + ce[1][regions[1]].mean()) / 2
+    assert torch.allclose(click_region_loss(logits, target, regions), expected)
+    assert click_region_loss(logits, target, torch.zeros_like(regions)) == 0.0
+    right = torch.where(target > 0, 20.0, -20.0)
+    assert click_region_loss(right, target, regions) < 1e-6, "a correction answered right costs nothing"

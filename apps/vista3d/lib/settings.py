@@ -144,7 +144,9 @@ class Settings:
         train_threads: torch threads of a training round (and of scoring); defaults to half the
             cores. Rounds run at the lowest CPU priority, so clicks take every core meanwhile and
             automatic segmentations the rest (``lib.server.threads``).
-        train_steps: optimiser steps of one fine-tuning round (a ``/train`` request may override).
+        train_steps: optimiser steps of one fine-tuning round at most (a ``/train`` request may override).
+        train_steps_per_label: a round runs at most this many steps per training label (0: no such
+            cap): a round on a few labels stops before it has learned them by heart (docs/continual-learning.md).
         promote_tolerance: a candidate replaces the served model unless the gate finds it worse than the
             served model by more than this (see ``lib.trainers.gate``).
         train_lr: base peak learning rate of a round (it falls as the served model has learned more labels).
@@ -193,6 +195,7 @@ class Settings:
     train_debounce_s: float = 30.0
     train_threads: int = field(default_factory=lambda: max(1, available_cores() // 2))
     train_steps: int = 300
+    train_steps_per_label: int = 20
     promote_tolerance: float = 0.01
     train_lr: float = 1e-4
     train_patience: int = 3
@@ -262,7 +265,7 @@ class Settings:
                 values[key] = _parse_number(key, value, int, minimum=1)
                 if values[key] > MAX_TRAIN_CLICKS:
                     raise ValueError(f"--conf {key} must be at most {MAX_TRAIN_CLICKS}, got {values[key]}")
-            elif key in ("train_trigger", "train_patience"):
+            elif key in ("train_trigger", "train_patience", "train_steps_per_label"):
                 values[key] = _parse_number(key, value, int, minimum=0)
             elif key == "train_lr":
                 values[key] = _parse_number(key, value, float, minimum=1e-8)

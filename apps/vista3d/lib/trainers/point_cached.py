@@ -41,7 +41,7 @@ from ..inference.precision import autocast_dtype
 from ..inference.refine import apply_clicks
 from ..simulate import largest_error
 from .data import CachedVolume
-from .point_trainer import PointTrainConfig, ResumableTrainer, pick_voxel
+from .point_trainer import PointTrainConfig, ResumableTrainer, click_region_loss, pick_voxel
 from .request import TrainRequest
 from .schedule import TrainStats, run_steps, seed_everything
 from .validation import MAX_OBJECTS_PER_IMAGE, largest_objects
@@ -203,6 +203,7 @@ class HeadTrainer(ResumableTrainer):
         result = np.zeros(case.truth.shape, dtype=np.int16)
         session: list[Start] = [*self.windows.starts(case.index)]
         total = torch.zeros(())
+        region: np.ndarray | None = None  # the error region of the newest correction click
         for r in range(self.config.rounds):
             start = choose_window(points[-1], case.image.shape[1:], patch, session)
             session.append(start)
@@ -210,6 +211,9 @@ class HeadTrainer(ResumableTrainer):
             sl = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
             target = torch.from_numpy(case.truth[sl]).float()[None, None].to(logits.device)
             total = total + self.loss_fn(logits, target).cpu()
+            if region is not None and self.config.click_weight > 0:
+                clicked = torch.from_numpy(region[sl])[None].to(logits.device)
+                total = total + self.config.click_weight * click_region_loss(logits, target, clicked).cpu()
             if r + 1 == self.config.rounds:
                 break
             editing = np.zeros(len(points), dtype=bool)
@@ -222,6 +226,7 @@ class HeadTrainer(ResumableTrainer):
             error = largest_error(result == 1, case.truth)
             if error is None:  # perfect: nothing left to click
                 break
+            region = error[0]
             points.append(pick_voxel(error[0], self.rng, self.config.centre_click_prob))
             positive.append(error[1])
         return total
@@ -249,7 +254,7 @@ def train_point_head(
     """A point round's loop with the encoder frozen (see the module docstring); the network's point head changes."""
     seed_everything(req.seed)
     patch = (req.crop,) * 3
-    config = PointTrainConfig(rounds=req.rounds, special=special)
+    config = PointTrainConfig(rounds=req.rounds, special=special, click_weight=req.click_weight)
     windows = EncodedWindows(network, patch, precision)
     network.eval()  # the frozen parts run as served
     trainer = HeadTrainer(network, windows, config, lr=req.lr, seed=req.seed)

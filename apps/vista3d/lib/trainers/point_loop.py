@@ -54,7 +54,9 @@ def train_point(
     may move off its object (see :class:`.data.VolumeSampler`; the starter trains with 16).
     """
     seed_everything(req.seed + rank)
-    config = PointTrainConfig(rounds=req.rounds, special=special, train_encoder=req.train_encoder)
+    config = PointTrainConfig(
+        rounds=req.rounds, special=special, train_encoder=req.train_encoder, click_weight=req.click_weight
+    )
     sync = grad_sync or (average_gradients if world > 1 else None)
     trainer = PointTrainer(network, config, lr=req.lr, seed=req.seed + rank, grad_sync=sync)
     sampler = VolumeSampler(volumes, (req.crop,) * 3, req.seed + rank, weights, FINETUNE_SUPERVOXELS, shift=shift)

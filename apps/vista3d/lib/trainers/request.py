@@ -16,11 +16,14 @@ class TrainRequest:
 
     Attributes:
         steps: optimiser steps at most (a point round stops early once its training labels stop improving).
+        steps_per_label: steps per training label at most (0: no such cap); see :meth:`round_steps`.
         lr: base peak learning rate (linear warm-up over the first tenth, then cosine decay); a round
             runs at ``lr * sqrt(lr_half_life / (lr_half_life + labels already learned))``.
         crop: edge of the cubic training crops: by default the preset's inference window, which the
             point head's positional encoding is normalised by (see ``lib.model.patch_size_for``).
         rounds: click-simulation rounds per point step.
+        click_weight: weight of the cross-entropy over each simulated correction's error region
+            (``lib.trainers.point_trainer.click_region_loss``; 0: whole-mask DiceCE alone).
         train_encoder: whether the point trainer also updates the shared encoder levels (false: the point
             decoder and head only, so the automatic branch cannot change).
         cached: a point round trains the point head alone on click sessions played on the served
@@ -41,9 +44,11 @@ class TrainRequest:
     """
 
     steps: int = 300
+    steps_per_label: int = 20
     lr: float = 1e-4
     crop: int = 64
     rounds: int = 3
+    click_weight: float = 0.0
     train_encoder: bool = True
     cached: bool = False
     replay_share: float = 0.5
@@ -65,6 +70,7 @@ class TrainRequest:
         """
         values: dict[str, Any] = {
             "steps": settings.train_steps,
+            "steps_per_label": settings.train_steps_per_label,
             "lr": settings.train_lr,
             "tolerance": settings.promote_tolerance,
             "patience": settings.train_patience,
@@ -84,12 +90,16 @@ class TrainRequest:
         problems = []
         if self.steps < 1:
             problems.append(f"steps must be at least 1, got {self.steps}")
+        if self.steps_per_label < 0:
+            problems.append(f"steps_per_label must be >= 0, got {self.steps_per_label}")
         if not 0 < self.lr < 1:
             problems.append(f"lr must be in (0, 1), got {self.lr}")
         if self.crop < 32 or self.crop % 16:
             problems.append(f"crop must be a multiple of 16 of at least 32, got {self.crop}")
         if not 1 <= self.rounds <= 10:
             problems.append(f"rounds must be in 1..10, got {self.rounds}")
+        if self.click_weight < 0:
+            problems.append(f"click_weight must be >= 0, got {self.click_weight}")
         if not 0 <= self.replay_share < 1:
             problems.append(f"replay_share must be in [0, 1), got {self.replay_share}")
         if self.tolerance < 0:
@@ -110,6 +120,17 @@ class TrainRequest:
             problems.append(f"holdback must be at least 1, got {self.holdback}")
         if problems:
             raise ValueError("bad train request: " + "; ".join(problems))
+
+    def round_steps(self, train_labels: int) -> int:
+        """Steps of a round on ``train_labels`` labels: ``steps``, capped at ``steps_per_label`` per label.
+
+        A fixed budget spends most of its steps on learning a few labels by heart: from the starter, a
+        round on 3 sarcoma labels raised Dice on 5 unseen ones most within 50 steps and gave part of
+        it back by step 300, its clicks after the first adding less and less (docs/continual-learning.md).
+        """
+        if self.steps_per_label == 0:
+            return self.steps
+        return max(1, min(self.steps, self.steps_per_label * train_labels))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -173,7 +173,9 @@ class FineTuneTask(TrainTask):
             refusal = {"kind": self.kind, "from_version": served.version}
             return self._record(refusal, self.refused, begin, [f.stamp for f in labelled])
         labels = round_labels(self.split, labelled, served.trained_on, req.holdback)
-        req = replace(req, lr=round_lr(req.lr, labels.learned, req.lr_half_life))
+        req = replace(
+            req, lr=round_lr(req.lr, labels.learned, req.lr_half_life), steps=req.round_steps(len(labels.train))
+        )
         logger.info(
             "%s round: %d training labels (%d new), %d held back, %d validation; served v%d (%s); %s",
             self.kind, len(labels.train), len(labels.new), len(labels.held_back), len(labels.validation),
