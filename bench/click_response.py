@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from common import DATA, ROOT
+from scipy import ndimage
 
 from lib.atomic import write_json
 from lib.inference.engine import Engine, WindowLogits
@@ -32,7 +33,7 @@ from lib.inference.segment import segment_points
 from lib.labels import load_label_dictionary
 from lib.model import STARTER_WEIGHTS, LoadedModel, load_model, patch_size_for
 from lib.prompts import PointPrompt
-from lib.simulate import deepest_voxel, dice, model_grid_state, next_click
+from lib.simulate import deepest_voxel, dice, largest_error, model_grid_state
 from lib.trainers.corpus import SARCOMA_HELDOUT, sarcoma_click_cases
 from lib.trainers.data import SARCOMA_ID
 
@@ -59,11 +60,18 @@ def logit_at(windows: WindowLogits, voxel: np.ndarray) -> float:
     return float(windows.logits[tuple(local)])
 
 
+def depth(region: np.ndarray, voxel: np.ndarray) -> float:
+    """Distance in voxels from ``voxel`` to the nearest voxel outside ``region``: how thick the
+    error is where the annotator clicked (the click is at its deepest voxel)."""
+    return float(ndimage.distance_transform_edt(np.pad(region, 1))[tuple(int(c) + 1 for c in voxel)])
+
+
 def replay(engine: RecordingEngine, image: torch.Tensor, truth: np.ndarray, clicks: int) -> list[dict[str, Any]]:
-    """One session of the simulated annotator; a row per click."""
+    """One session of the simulated annotator (:func:`lib.simulate.next_click`); a row per click."""
     state = model_grid_state(image, engine.patch)
     result = np.zeros(state.original_shape, dtype=np.int16)
     points, positive = [deepest_voxel(truth)], [True]
+    depths = [depth(truth, points[0])]
     rows: list[dict[str, Any]] = []
     for _ in range(clicks):
         prompt = PointPrompt(np.stack(points).astype(np.int64), np.asarray(positive), SARCOMA_ID)
@@ -74,20 +82,29 @@ def replay(engine: RecordingEngine, image: torch.Tensor, truth: np.ndarray, clic
             "logit": round(logit_at(engine.last, points[-1]), 3),
             "edited": bool(edit.applied[-1]),
             "changed": int((edit.label != result).sum()),
+            "depth": round(depths[-1], 2),
         })  # fmt: skip
         result = edit.label
         rows[-1]["dice"] = round(dice(result == SARCOMA_ID, truth), 4)
-        click = next_click(result == SARCOMA_ID, truth)
-        if click is None:
+        error = largest_error(result == SARCOMA_ID, truth)
+        if error is None:
             break
-        points.append(click[0])
-        positive.append(click[1])
+        points.append(deepest_voxel(error[0]))
+        positive.append(error[1])
+        depths.append(depth(error[0], points[-1]))
     return rows
+
+
+def describe(row: dict[str, Any]) -> str:
+    """``+4.2*(6)``: a positive click, the logit at its voxel, * when it edited, the error's depth there."""
+    sign = "+" if row["positive"] else "-"
+    return f"{sign}{row['logit']:+.1f}{'*' if row['edited'] else ''}({row['depth']:.0f})"
 
 
 def totals(per_case: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """Per kind of correction click (the first click aside): how many, the share that edited, and the
-    share the network answered against (logit of the wrong sign at the clicked voxel)."""
+    share the network answered against (logit of the wrong sign at the clicked voxel), and the median
+    logit and error depth at the click."""
     out: dict[str, dict[str, float]] = {}
     for kind, sign in (("positive", True), ("negative", False)):
         rows = [r for case in per_case.values() for r in case[1:] if r["positive"] is sign]
@@ -97,6 +114,7 @@ def totals(per_case: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, flo
             "edited": round(sum(r["edited"] for r in rows) / max(len(rows), 1), 3),
             "answered_against": round(len(against) / max(len(rows), 1), 3),
             "median_logit": round(float(np.median([r["logit"] for r in rows])), 3) if rows else float("nan"),
+            "median_depth": round(float(np.median([r["depth"] for r in rows])), 2) if rows else float("nan"),
         }
     return out
 
@@ -120,11 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, image, truth in sarcoma_click_cases(DATA / "sts", labels, args.cases.split(","))
     }
     for name, rows in per_case.items():
-        logger.info("%s: %s", name, " ".join(
-            f"{'+' if r['positive'] else '-'}{r['logit']:+.1f}{'*' if r['edited'] else ''}" for r in rows
-        ))  # fmt: skip
+        logger.info("%s: %s", name, " ".join(map(describe, rows)))
     result = {"machine": cpu_isa(), "weights": str(args.weights), "totals": totals(per_case), "cases": per_case}
-    logger.info("correction clicks (* above: edited): %s", result["totals"])
+    logger.info("correction clicks: %s", result["totals"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(json.dumps(result))

@@ -145,8 +145,9 @@ class Settings:
             cores. Rounds run at the lowest CPU priority, so clicks take every core meanwhile and
             automatic segmentations the rest (``lib.server.threads``).
         train_steps: optimiser steps of one fine-tuning round at most (a ``/train`` request may override).
-        train_steps_per_label: a round runs at most this many steps per training label (0: no such
-            cap): a round on a few labels stops before it has learned them by heart (docs/continual-learning.md).
+        train_steps_per_label: a round that trains the shared encoder runs at most this many steps per
+            training label (0: no such cap), so that a round on a few labels stops before it has learned
+            them by heart (docs/continual-learning.md).
         promote_tolerance: a candidate replaces the served model unless the gate finds it worse than the
             served model by more than this (see ``lib.trainers.gate``).
         train_lr: base peak learning rate of a round (it falls as the served model has learned more labels).
