@@ -26,7 +26,7 @@ from lib.trainers.point_loop import replay_weights
 from lib.trainers.request import TrainRequest
 from lib.trainers.schedule import TrainStats
 from lib.trainers.split import ValidationSplit, hold_back
-from lib.trainers.tasks import PointTrainTask, Trained
+from lib.trainers.tasks import AutoTrainTask, PointTrainTask, Trained
 
 from .conftest import ROOT, STS
 
@@ -118,14 +118,19 @@ def test_train_request_defaults_come_from_settings_and_the_window() -> None:
 
 
 def test_a_round_on_few_labels_runs_fewer_steps() -> None:
-    """``train_steps_per_label`` caps a full round's steps by its training labels; ``train_steps`` caps them all."""
+    """``train_steps_per_label`` caps the steps of a round that trains the encoder (a full point round) by its
+    training labels; ``train_steps`` caps them all."""
     settings = Settings.from_conf({"train_steps": "300", "train_steps_per_label": "30"})
     req = TrainRequest.parse({}, settings, 64)
-    assert [req.round_steps(n) for n in (0, 1, 3, 10, 11, 50)] == [1, 30, 90, 300, 300, 300]
+    assert PointTrainTask.trains_encoder(req)
+    assert [req.round_steps(n, True) for n in (0, 1, 3, 10, 11, 50)] == [1, 30, 90, 300, 300, 300]
     uncapped = TrainRequest.parse({"steps_per_label": 0}, settings, 64)
-    assert uncapped.round_steps(3) == 300
+    assert uncapped.round_steps(3, True) == 300
     for frozen in ({"train_encoder": False}, {"cached": True}):
-        assert TrainRequest.parse(frozen, settings, 64).round_steps(3) == 300, f"{frozen}: the encoder does not learn"
+        frozen_req = TrainRequest.parse(frozen, settings, 64)
+        assert not PointTrainTask.trains_encoder(frozen_req), f"{frozen}: the encoder does not learn"
+        assert frozen_req.round_steps(3, False) == 300
+    assert not AutoTrainTask.trains_encoder(req), "an automatic round leaves the encoder alone: never capped"
     with pytest.raises(ValueError, match="train_steps_per_label must be"):
         Settings.from_conf({"train_steps_per_label": "-2"})
 

@@ -122,17 +122,18 @@ class TrainRequest:
         if problems:
             raise ValueError("bad train request: " + "; ".join(problems))
 
-    def round_steps(self, train_labels: int) -> int:
+    def round_steps(self, train_labels: int, trains_encoder: bool) -> int:
         """Steps of a round on ``train_labels`` labels: ``steps``, capped at ``steps_per_label`` per label
-        when the round trains the shared encoder.
+        when the round trains the shared encoder (the task knows whether it does).
 
-        A full round spends most of a fixed budget on learning a few labels by heart: from the starter,
-        a round on 3 sarcoma labels raised Dice on 5 unseen ones most within 50 steps and gave part of
-        it back by step 300, its clicks after the first adding less and less. Rounds that leave the
-        encoder alone (``train_encoder`` false, ``cached``) learn more slowly: capped, their learning
-        curve ended 0.012 lower, so they run ``steps`` (docs/continual-learning.md).
+        A full point round spends most of a fixed budget on learning a few labels by heart: from the
+        starter, a round on 3 sarcoma labels raised Dice on 5 unseen ones most within 50 steps and gave
+        part of it back by step 300, its clicks after the first adding less and less. Point rounds that
+        leave the encoder alone (``train_encoder`` false, ``cached``) learn more slowly: capped, their
+        learning curve ended 0.012 lower, so they run ``steps`` (docs/continual-learning.md), as
+        automatic rounds do (their encoder is frozen; the cap was never measured on them).
         """
-        if self.steps_per_label == 0 or not self.train_encoder or self.cached:
+        if self.steps_per_label == 0 or not trains_encoder:
             return self.steps
         return max(1, min(self.steps, self.steps_per_label * train_labels))
 

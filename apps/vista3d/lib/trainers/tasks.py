@@ -139,6 +139,11 @@ class FineTuneTask(TrainTask):
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         """Figures with ``per_object`` scores and their mean ``score`` (higher is better) when any object."""
 
+    @staticmethod
+    @abstractmethod
+    def trains_encoder(req: TrainRequest) -> bool:
+        """Whether the round updates the shared encoder levels (see :meth:`.TrainRequest.round_steps`)."""
+
     def _served_validation(self, served: ServedVersion, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         """The served version's validation figures: stored with it, rescored when the split grew."""
         stored = served.validation or {}
@@ -174,7 +179,9 @@ class FineTuneTask(TrainTask):
             return self._record(refusal, self.refused, begin, [f.stamp for f in labelled])
         labels = round_labels(self.split, labelled, served.trained_on, req.holdback)
         req = replace(
-            req, lr=round_lr(req.lr, labels.learned, req.lr_half_life), steps=req.round_steps(len(labels.train))
+            req,
+            lr=round_lr(req.lr, labels.learned, req.lr_half_life),
+            steps=req.round_steps(len(labels.train), self.trains_encoder(req)),
         )
         logger.info(
             "%s round: %d training labels (%d new), %d held back, %d validation; served v%d (%s); %s",
@@ -317,6 +324,10 @@ class PointTrainTask(FineTuneTask):
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         return click_dice(network, self.model.preset, self.labels, items, req.clicks, self.click_precision)
 
+    @staticmethod
+    def trains_encoder(req: TrainRequest) -> bool:
+        return req.train_encoder and not req.cached  # a cached round trains the point head alone
+
 
 class AutoTrainTask(FineTuneTask):
     """Fine-tunes the automatic branch only (partial labels: only classes a label holds are supervised)."""
@@ -340,3 +351,7 @@ class AutoTrainTask(FineTuneTask):
 
     def score(self, network: VISTA3D, items: list[FinalLabel], req: TrainRequest) -> dict[str, Any]:
         return auto_dice(network, self.model.preset, self.labels, items, self.auto_precision)
+
+    @staticmethod
+    def trains_encoder(req: TrainRequest) -> bool:
+        return False  # the automatic decoder and the class head only
