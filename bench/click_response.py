@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from common import DATA, ROOT
-from scipy import ndimage
 
 from lib.atomic import write_json
 from lib.inference.engine import Engine, WindowLogits
@@ -33,7 +32,7 @@ from lib.inference.segment import segment_points
 from lib.labels import load_label_dictionary
 from lib.model import STARTER_WEIGHTS, LoadedModel, load_model, patch_size_for
 from lib.prompts import PointPrompt
-from lib.simulate import deepest_voxel, dice, largest_error, model_grid_state
+from lib.simulate import deepest_voxel_depth, dice, largest_error, model_grid_state
 from lib.trainers.corpus import SARCOMA_HELDOUT, sarcoma_click_cases
 from lib.trainers.data import SARCOMA_ID
 
@@ -60,18 +59,12 @@ def logit_at(windows: WindowLogits, voxel: np.ndarray) -> float:
     return float(windows.logits[tuple(local)])
 
 
-def depth(region: np.ndarray, voxel: np.ndarray) -> float:
-    """Distance in voxels from ``voxel`` to the nearest voxel outside ``region``: how thick the
-    error is where the annotator clicked (the click is at its deepest voxel)."""
-    return float(ndimage.distance_transform_edt(np.pad(region, 1))[tuple(int(c) + 1 for c in voxel)])
-
-
 def replay(engine: RecordingEngine, image: torch.Tensor, truth: np.ndarray, clicks: int) -> list[dict[str, Any]]:
     """One session of the simulated annotator (:func:`lib.simulate.next_click`); a row per click."""
     state = model_grid_state(image, engine.patch)
     result = np.zeros(state.original_shape, dtype=np.int16)
-    points, positive = [deepest_voxel(truth)], [True]
-    depths = [depth(truth, points[0])]
+    first, first_depth = deepest_voxel_depth(truth)
+    points, positive, depths = [first], [True], [first_depth]  # depth: how thick the error is at the click
     rows: list[dict[str, Any]] = []
     for _ in range(clicks):
         prompt = PointPrompt(np.stack(points).astype(np.int64), np.asarray(positive), SARCOMA_ID)
@@ -89,9 +82,10 @@ def replay(engine: RecordingEngine, image: torch.Tensor, truth: np.ndarray, clic
         error = largest_error(result == SARCOMA_ID, truth)
         if error is None:
             break
-        points.append(deepest_voxel(error[0]))
+        click, click_depth = deepest_voxel_depth(error[0])
+        points.append(click)
         positive.append(error[1])
-        depths.append(depth(error[0], points[-1]))
+        depths.append(click_depth)
     return rows
 
 

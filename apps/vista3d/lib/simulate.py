@@ -26,6 +26,7 @@ __all__ = [
     "challenge_click",
     "clicks_to_dice",
     "deepest_voxel",
+    "deepest_voxel_depth",
     "dice",
     "evaluate_clicks",
     "largest_error",
@@ -54,11 +55,17 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 def deepest_voxel(mask: np.ndarray) -> np.ndarray:
     """The voxel farthest from the mask's boundary: where an annotator clicks."""
+    return deepest_voxel_depth(mask)[0]
+
+
+def deepest_voxel_depth(mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`deepest_voxel` and its distance in voxels to the nearest voxel outside ``mask``."""
     box = _bounding_box(mask)
     sub = mask[box]
     dist = ndimage.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1, 1:-1]
     offset = np.asarray([s.start or 0 for s in box])
-    return np.asarray(np.unravel_index(int(np.argmax(dist)), sub.shape)) + offset
+    k = int(np.argmax(dist))
+    return np.asarray(np.unravel_index(k, sub.shape)) + offset, float(dist.flat[k])
 
 
 def largest_error(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
